@@ -1,0 +1,1 @@
+"""The model catalogue: models.toml, validation, feasibility and placement."""

@@ -1,0 +1,35 @@
+"""In-process inference behind one `Engine` protocol (see `engine.base`)."""
+
+from .base import (
+    ChatMessage,
+    Delta,
+    Engine,
+    Final,
+    GenerationEvent,
+    GenerationRequest,
+    LoadedModel,
+    LoadProgress,
+    LoadSpec,
+    MemoryReport,
+    ModelId,
+    RequestId,
+    SamplingParams,
+    Usage,
+)
+
+__all__ = [
+    "ChatMessage",
+    "Delta",
+    "Engine",
+    "Final",
+    "GenerationEvent",
+    "GenerationRequest",
+    "LoadProgress",
+    "LoadSpec",
+    "LoadedModel",
+    "MemoryReport",
+    "ModelId",
+    "RequestId",
+    "SamplingParams",
+    "Usage",
+]

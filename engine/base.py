@@ -1,0 +1,168 @@
+"""The engine contract: neutral dataclasses and the `Engine` / `LoadedModel` protocols.
+
+Everything above the engine (the agent's model manager, the HTTP edge) speaks only these types;
+OpenAI-shaped objects exist only at the HTTP edge (`mesh.protocol`). Engines:
+
+- `engine.transformers_engine.TransformersEngine` — PyTorch + transformers, CPU and CUDA.
+- `engine.mlc_engine.MLCEngine` — MLC-LLM in a supervised worker process (CUDA hosts, optional).
+- `engine.fake.FakeEngine` — scripted tokens, delays and failures for tests above the engine.
+
+Lifecycle: `Engine.load(spec)` returns a `LoadedModel` handle. `LoadedModel.generate(request)` is an
+async iterator of `Delta` events followed by exactly one `Final`. Closing the iterator early (the
+client went away: `aclose()`, or the consuming task is cancelled) aborts that request inside the
+engine; `abort(request_id)` does the same from outside. `unload()` frees the memory and is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NewType, Protocol, runtime_checkable
+
+ModelId = NewType("ModelId", str)
+RequestId = NewType("RequestId", str)
+
+FinishReason = Literal["stop", "length"]
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+EngineName = Literal["transformers", "mlc", "fake"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChatMessage:
+    """One chat turn with its content flattened to text (the HTTP edge joins content parts)."""
+
+    role: Role
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    """Sampling controls. `temperature == 0` means greedy; `top_k == 0` means no top-k cut.
+
+    `max_tokens=None` means "until the context is full". `seed=None` means nondeterministic; the same
+    seed with the same prompt and parameters gives the same output on the same host.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationRequest:
+    """Exactly one of `prompt` (raw completion) and `messages` (chat, rendered by the chat template)."""
+
+    request_id: RequestId
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Delta:
+    """A piece of newly decoded text (never a broken multi-byte character; may be empty-free)."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Final:
+    """The last event of every generation."""
+
+    usage: Usage
+    finish_reason: FinishReason
+
+
+GenerationEvent = Delta | Final
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadSpec:
+    """What to load and where.
+
+    `source` is a local directory (already resolved to an absolute path by the catalogue) or a Hugging
+    Face repo id (downloaded into `cache_dir`, the HF cache when None). `devices` are explicit device
+    names: `("cpu",)` or `("cuda:0", "cuda:1")` (more than one means tensor parallel where supported).
+    """
+
+    model_id: ModelId
+    source: str
+    devices: tuple[str, ...] = ("cpu",)
+    revision: str | None = None
+    quant: str | None = None
+    context_length: int | None = None
+    cache_dir: Path | None = None
+    # Engine-specific extras (the fake engine reads its script from here).
+    options: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryReport:
+    """Memory a loaded model actually uses, measured after load and warm-up, per device name."""
+
+    per_device_mb: dict[str, int]
+
+    @property
+    def total_mb(self) -> int:
+        return sum(self.per_device_mb.values())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadProgress:
+    """Progress of a load: a phase name and a fraction in [0, 1] (None when unknown)."""
+
+    phase: Literal["resolving", "downloading", "loading", "warming"]
+    fraction: float | None = None
+
+
+ProgressCallback = Callable[[LoadProgress], None]
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model resident in memory on this host."""
+
+    @property
+    def model_id(self) -> ModelId: ...
+
+    @property
+    def memory(self) -> MemoryReport: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream deltas then one `Final`. Raises `engine.errors.RequestError` subclasses for bad
+        input (before any delta) and `engine.errors.EngineFault` when the model itself broke."""
+        ...
+
+    async def abort(self, request_id: RequestId) -> None: ...
+
+    async def unload(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Loads models. Implementations import their heavy libraries inside `load`, never at import."""
+
+    @property
+    def name(self) -> EngineName: ...
+
+    async def load(
+        self, spec: LoadSpec, progress: ProgressCallback | None = None
+    ) -> LoadedModel: ...

@@ -1,0 +1,1 @@
+"""The agent: config, hardware, discovery, gossip, routing, proxying, HTTP server, CLI."""
