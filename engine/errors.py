@@ -1,14 +1,14 @@
 """Errors raised by engines. The HTTP edge maps them to OpenAI error envelopes.
 
-    EngineError
-    ├── LoadError                 the model could not be loaded
-    │   ├── ModelSourceError      structural: missing/bad weights or config (never retried)
-    │   ├── TransientLoadError    network or download failure (retried with backoff)
-    │   └── InsufficientMemory    it does not fit on the chosen devices
-    ├── RequestError              the request itself is bad (a 4xx; the model stays healthy)
-    │   └── ContextLengthExceeded prompt (+ max_tokens) longer than the model's context
-    └── EngineFault               the model broke (device fault, worker died): only this model is
-                                  marked failed and unloaded; it can be loaded again
+EngineError
+├── LoadError                 the model could not be loaded
+│   ├── ModelSourceError      structural: missing/bad weights or config (never retried)
+│   ├── TransientLoadError    network or download failure (retried with backoff)
+│   └── InsufficientMemory    it does not fit on the chosen devices
+├── RequestError              the request itself is bad (a 4xx; the model stays healthy)
+│   └── ContextLengthExceeded prompt (+ max_tokens) longer than the model's context
+└── EngineFault               the model broke (device fault, worker died): only this model is
+                              marked failed and unloaded; it can be loaded again
 """
 
 from __future__ import annotations

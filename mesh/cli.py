@@ -1,8 +1,8 @@
 """The `helexa` command: a thin dispatcher over subcommands that live in their own modules.
 
-    helexa agent ...        mesh.agent        run this host's agent
-    helexa tui ...          tui.app           the live dashboard
-    helexa status|models|load|unload|chat|key   mesh.ops   operator commands against an agent
+helexa agent ...        mesh.agent        run this host's agent
+helexa tui ...          tui.app           the live dashboard
+helexa status|models|load|unload|chat|key   mesh.ops   operator commands against an agent
 """
 
 from __future__ import annotations
