@@ -1,0 +1,622 @@
+"""OpenAI wire types: request parsing/validation and response builders. The only OpenAI-shaped code.
+
+Requests: `parse_chat_request(body)` / `parse_completion_request(body)` turn raw bytes into frozen
+dataclasses carrying `engine.base` types, or raise `mesh.errors.InvalidRequest` whose `param` names the
+offending field the way OpenAI does (`messages[2].content`, `stop[1]`, `stream_options.include_usage`).
+They accept what the OpenAI API accepts (content as a string or a list of text parts, `content: null`
+on assistant turns, several system messages, the `developer` role, `max_tokens` and
+`max_completion_tokens`, unknown fields ignored) and refuse clearly what we cannot honour (`n > 1`,
+tools, logprobs, non-text response formats).
+
+Sampling fields a request leaves out stay `None` in `SamplingOverrides`; `resolve_sampling` fills them
+from the catalogue entry's `defaults`, then from `engine.base.SamplingParams`' own defaults.
+
+Responses: builders return the encoded bytes (orjson), ready for the body or an SSE `data:` line.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from engine.base import ChatMessage, FinishReason, Role, SamplingParams, Usage
+
+from .errors import InvalidRequest
+from .routing import ModelListing
+
+MAX_STOP_SEQUENCES: Final = 4
+_ROLES: Final[frozenset[str]] = frozenset({"system", "user", "assistant", "tool", "developer"})
+# Roles whose turns may have `content: null` (or leave it out): an assistant turn that only called tools.
+_NULLABLE_CONTENT_ROLES: Final[frozenset[str]] = frozenset({"assistant"})
+_MAX_SEED: Final = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Request types
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingOverrides:
+    """Sampling fields as the client sent them; `None` = left out (the catalogue default applies).
+
+    `max_tokens_param` records which field carried `max_tokens` (`max_tokens` or
+    `max_completion_tokens`) so a later limit check names the field the client actually used.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"
+    stop: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChatCompletionRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingOverrides
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    sampling: SamplingOverrides
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+
+
+def resolve_sampling(overrides: SamplingOverrides, defaults: Mapping[str, float | int]) -> SamplingParams:
+    """Request value if given, else the catalogue entry's default, else `SamplingParams`' default."""
+    base = SamplingParams()
+
+    def pick_float(name: str, given: float | None, fallback: float) -> float:
+        if given is not None:
+            return given
+        value = defaults.get(name)
+        return float(value) if value is not None else fallback
+
+    def pick_int(name: str, given: int | None, fallback: int | None) -> int | None:
+        if given is not None:
+            return given
+        value = defaults.get(name)
+        return int(value) if value is not None else fallback
+
+    return SamplingParams(
+        temperature=pick_float("temperature", overrides.temperature, base.temperature),
+        top_p=pick_float("top_p", overrides.top_p, base.top_p),
+        top_k=pick_int("top_k", overrides.top_k, base.top_k) or 0,
+        seed=pick_int("seed", overrides.seed, base.seed),
+        max_tokens=pick_int("max_tokens", overrides.max_tokens, base.max_tokens),
+        stop=overrides.stop if overrides.stop is not None else base.stop,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def _invalid_type(param: str, expected: str, value: object) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)}.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _unsupported(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{param}': {what} is not supported by this server.", param=param, code="unsupported"
+    )
+
+
+def _number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid_type(name, "a number", value)
+    if not low <= value <= high:  # NaN is impossible: JSON has none and orjson refuses it
+        raise InvalidRequest(
+            f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", param=name, code="invalid_value"
+        )
+    return float(value)
+
+
+def _integer(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid_type(name, "an integer", value)
+    if not low <= value <= high:
+        raise InvalidRequest(
+            f"'{name}' must be between {low} and {high}, got {value}.", param=name, code="invalid_value"
+        )
+    return value
+
+
+def _boolean(data: Mapping[str, Any], name: str, param: str | None = None) -> bool | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _invalid_type(param or name, "a boolean", value)
+    return value
+
+
+def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid_type(name, "a string", value)
+    return value
+
+
+def _model(data: Mapping[str, Any]) -> str:
+    value = data.get("model")
+    if value is None:
+        raise InvalidRequest(
+            "you must provide a model parameter", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(value, str):
+        raise _invalid_type("model", "a string", value)
+    if not value.strip():
+        raise InvalidRequest("'model' must not be empty", param="model", code="invalid_value")
+    return value
+
+
+def _stop(data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    value = data.get("stop")
+    if value is None:
+        return None
+    items: Sequence[object]
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise _invalid_type("stop", "a string or an array of strings", value)
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}.",
+            param="stop",
+            code="invalid_value",
+        )
+    out: list[str] = []
+    for i, item in enumerate(items):
+        param = "stop" if isinstance(value, str) else f"stop[{i}]"
+        if not isinstance(item, str):
+            raise _invalid_type(param, "a string", item)
+        if not item:
+            raise InvalidRequest(f"'{param}' must not be an empty string.", param=param, code="invalid_value")
+        out.append(item)
+    return tuple(out)
+
+
+def _sampling(data: Mapping[str, Any]) -> SamplingOverrides:
+    # Penalties and logit_bias are accepted (OpenAI accepts them) but have no effect here; validate the
+    # range so a typo still gets a clear 400.
+    _number(data, "presence_penalty", -2.0, 2.0)
+    _number(data, "frequency_penalty", -2.0, 2.0)
+    if data.get("logit_bias") is not None and not isinstance(data["logit_bias"], dict):
+        raise _invalid_type("logit_bias", "an object", data["logit_bias"])
+    n = _integer(data, "n", 1, 128)
+    if n is not None and n != 1:
+        raise _unsupported("n", "n > 1 (several choices per request)")
+    max_tokens_param = "max_tokens"
+    max_tokens = _integer(data, "max_tokens", 1, 2**31 - 1)
+    max_completion_tokens = _integer(data, "max_completion_tokens", 1, 2**31 - 1)
+    if max_completion_tokens is not None:
+        max_tokens, max_tokens_param = max_completion_tokens, "max_completion_tokens"
+    top_k = _integer(data, "top_k", -1, 2**31 - 1)
+    return SamplingOverrides(
+        temperature=_number(data, "temperature", 0.0, 2.0),
+        top_p=_number(data, "top_p", 0.0, 1.0),
+        top_k=0 if top_k == -1 else top_k,  # -1 is vLLM's spelling of "no top-k"
+        seed=_integer(data, "seed", -_MAX_SEED - 1, _MAX_SEED),
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        stop=_stop(data),
+    )
+
+
+def _streaming(data: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = bool(_boolean(data, "stream"))
+    options = data.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _invalid_type("stream_options", "an object", options)
+        include_usage = bool(_boolean(options, "include_usage", "stream_options.include_usage"))
+        _boolean(options, "include_obfuscation", "stream_options.include_obfuscation")
+    return stream, include_usage
+
+
+def _common(data: Mapping[str, Any]) -> str | None:
+    """Validate fields both endpoints share and ignore; return `user`."""
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise _invalid_type("metadata", "an object", metadata)
+        for key, value in metadata.items():
+            if not isinstance(value, str):
+                raise _invalid_type(f"metadata.{key}", "a string", value)
+    return _optional_str(data, "user")
+
+
+def _text_of(content: object, param: str) -> str:
+    """Flatten a message's content (a string or a list of text parts) to text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _invalid_type(param, "a string or an array of content parts", content)
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        part_param = f"{param}[{j}]"
+        if isinstance(part, str):  # lenient: a bare string part
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise _invalid_type(part_param, "an object", part)
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _invalid_type(f"{part_param}.text", "a string", text)
+            texts.append(text)
+        elif kind == "refusal":
+            refusal = part.get("refusal")
+            if not isinstance(refusal, str):
+                raise _invalid_type(f"{part_param}.refusal", "a string", refusal)
+            texts.append(refusal)
+        elif isinstance(kind, str):
+            raise _unsupported(f"{part_param}.type", f"content part type '{kind}' (only text)")
+        else:
+            raise _invalid_type(f"{part_param}.type", "a string", kind)
+    return "\n".join(texts)
+
+
+def _message(item: object, i: int) -> ChatMessage:
+    param = f"messages[{i}]"
+    if not isinstance(item, dict):
+        raise _invalid_type(param, "an object", item)
+    role = item.get("role")
+    if not isinstance(role, str):
+        if role is None:
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}.role'.",
+                param=f"{param}.role",
+                code="missing_required_parameter",
+            )
+        raise _invalid_type(f"{param}.role", "a string", role)
+    if role == "function":
+        raise _unsupported(f"{param}.role", "the 'function' role (function calling)")
+    if role not in _ROLES:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.role': '{role}'. Supported values are: "
+            "'system', 'developer', 'user', 'assistant' and 'tool'.",
+            param=f"{param}.role",
+            code="invalid_value",
+        )
+    content = item.get("content")
+    if content is None:
+        if role not in _NULLABLE_CONTENT_ROLES:
+            raise InvalidRequest(
+                f"Invalid value for '{param}.content': a {role} message must have content.",
+                param=f"{param}.content",
+                code="invalid_value" if "content" in item else "missing_required_parameter",
+            )
+        text = ""
+    else:
+        text = _text_of(content, f"{param}.content")
+    name = item.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _invalid_type(f"{param}.name", "a string", name)
+    tool_calls = item.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise _invalid_type(f"{param}.tool_calls", "an array", tool_calls)
+    role_literal: Role = role  # type: ignore[assignment]  # checked against _ROLES above
+    return ChatMessage(role=role_literal, content=text, name=name)
+
+
+def _messages(data: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
+    value = data.get("messages")
+    if value is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+        )
+    if not isinstance(value, list):
+        raise _invalid_type("messages", "an array", value)
+    if not value:
+        raise InvalidRequest(
+            "'messages' must hold at least one message.", param="messages", code="invalid_value"
+        )
+    return tuple(_message(item, i) for i, item in enumerate(value))
+
+
+def _refuse_chat_features(data: Mapping[str, Any]) -> None:
+    tools = data.get("tools")
+    if tools is not None and tools != []:
+        raise _unsupported("tools", "tool calling")
+    if data.get("functions") is not None:
+        raise _unsupported("functions", "function calling")
+    tool_choice = data.get("tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "tool calling")
+    function_call = data.get("function_call")
+    if function_call not in (None, "none", "auto"):
+        raise _unsupported("function_call", "function calling")
+    if _boolean(data, "logprobs"):
+        raise _unsupported("logprobs", "logprobs")
+    if data.get("top_logprobs") is not None:
+        raise _unsupported("top_logprobs", "logprobs")
+    response_format = data.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise _invalid_type("response_format", "an object", response_format)
+        kind = response_format.get("type")
+        if kind != "text":
+            raise _unsupported("response_format.type", f"response_format '{kind}' (only 'text')")
+    if data.get("audio") is not None:
+        raise _unsupported("audio", "audio output")
+    modalities = data.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _unsupported("modalities", "output modalities other than text")
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Parse and validate a `POST /v1/chat/completions` body."""
+    data = _decode(body)
+    model = _model(data)
+    messages = _messages(data)
+    _refuse_chat_features(data)
+    sampling = _sampling(data)
+    stream, include_usage = _streaming(data)
+    user = _common(data)
+    return ChatCompletionRequest(
+        model=model,
+        messages=messages,
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        user=user,
+    )
+
+
+def _prompt(data: Mapping[str, Any]) -> str:
+    value = data.get("prompt")
+    if value is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+        )
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise _unsupported("prompt", "a prompt of token ids")
+        if len(value) > 1:
+            raise _unsupported("prompt", "several prompts in one request")
+    raise _invalid_type("prompt", "a string", value)
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    """Parse and validate a `POST /v1/completions` body."""
+    data = _decode(body)
+    model = _model(data)
+    prompt = _prompt(data)
+    if _boolean(data, "echo"):
+        raise _unsupported("echo", "echo")
+    if data.get("logprobs") is not None:
+        raise _unsupported("logprobs", "logprobs")
+    if data.get("suffix") is not None:
+        raise _unsupported("suffix", "suffix (insertion)")
+    best_of = _integer(data, "best_of", 0, 20)
+    if best_of is not None and best_of > 1:
+        raise _unsupported("best_of", "best_of > 1")
+    sampling = _sampling(data)
+    stream, include_usage = _streaming(data)
+    user = _common(data)
+    return CompletionRequest(
+        model=model, prompt=prompt, sampling=sampling, stream=stream, include_usage=include_usage, user=user
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+
+
+def new_chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def chat_completion(
+    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
+) -> bytes:
+    """A non-streamed `chat.completion` object."""
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": _usage(usage),
+        }
+    )
+
+
+def chat_chunk(
+    *,
+    id: str,
+    model: str,
+    created: int,
+    content: str | None = None,
+    role: bool = False,
+    finish_reason: FinishReason | None = None,
+) -> bytes:
+    """One `chat.completion.chunk`: `role=True` in the first chunk, content deltas, then a chunk with
+    `finish_reason` (and an empty delta)."""
+    delta: dict[str, str] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+    )
+
+
+def chat_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
+    """The extra chunk `stream_options.include_usage` asks for: `choices: []` and the usage."""
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(usage),
+        }
+    )
+
+
+def text_completion(
+    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
+) -> bytes:
+    """A non-streamed `text_completion` object."""
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": _usage(usage),
+        }
+    )
+
+
+def completion_chunk(
+    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason | None = None
+) -> bytes:
+    """One streamed `text_completion` chunk (the same shape as the full object, minus usage)."""
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        }
+    )
+
+
+def completion_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
+    return orjson.dumps(
+        {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(usage),
+        }
+    )
+
+
+def model_object(listing: ModelListing) -> dict[str, object]:
+    """One model as `GET /v1/models` shows it: OpenAI's fields plus where it runs."""
+    return {
+        "id": listing.id,
+        "object": "model",
+        "created": listing.created,
+        "owned_by": listing.owned_by,
+        "status": listing.status,
+        "loaded": listing.loaded,
+        "feasible_on": list(listing.feasible_on),
+        "locations": [
+            {
+                "node": loc.node_name,
+                "node_id": loc.node,
+                "status": loc.status,
+                "memory_mb": loc.memory_mb,
+                "in_flight": loc.in_flight,
+            }
+            for loc in listing.locations
+        ],
+        "aliases": list(listing.aliases),
+    }
+
+
+def model_json(listing: ModelListing) -> bytes:
+    return orjson.dumps(model_object(listing))
+
+
+def model_list_json(listings: Sequence[ModelListing]) -> bytes:
+    return orjson.dumps({"object": "list", "data": [model_object(listing) for listing in listings]})

@@ -1,0 +1,590 @@
+"""The OpenAI-compatible HTTP edge: thin aiohttp handlers, route registration and the error middleware.
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=...)
+    app[CORTEX] = cortex; app[METRICS] = metrics           # mesh.appkeys; the agent assembly sets them
+    add_openai_routes(app)                                 # /v1/models, /v1/chat/completions, ...
+    web.run_app(app, handler_cancellation=True)            # a client that leaves cancels its handler
+
+Flow of an inference request: read and parse the body (`mesh.protocol`) → optional API-key check →
+`cortex.route(model, forwarded=<X-Helexa-Forwarded present>)` → a `LocalDecision` is served here (its
+`acquire()` cold-loads if needed and holds an in-flight reservation), a `RemoteDecision` goes to the
+`FORWARDER` the mesh provides. Streams start lazily: if `acquire()` (or the prefill) takes longer than
+one keep-alive interval the SSE response is started and `: keep-alive` comments flow until the first
+token, so a fast failure still gets its real HTTP status, and a slow load never lets a client's idle
+timer fire. After the stream started, a failure is sent as a final `data: {"error": ...}` event (no
+`[DONE]`). Closing the engine's generator (on every exit path, client disconnect included) aborts
+the request inside the engine.
+
+Every error, ours, the engine's, aiohttp's own 404/405/413 and anything unexpected, is turned into the
+OpenAI envelope in exactly one place, `error_middleware`; the agent never answers a bare traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import orjson
+from aiohttp import web
+
+from engine.base import (
+    ChatMessage,
+    Delta,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    RequestId,
+    SamplingParams,
+)
+from engine.base import (
+    Final as FinalEvent,
+)
+from engine.errors import EngineError
+
+from . import protocol, sse
+from .appkeys import API_KEYS, CORTEX, FORWARDER, HEALTH, KEEPALIVE_INTERVAL_S, METRICS, NODE_NAME
+from .errors import (
+    HelexaError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelFault,
+    ModelNotFound,
+    ModelUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    error_envelope,
+    from_engine_error,
+)
+from .metrics import Route
+from .routing import LocalDecision, RemoteDecision
+
+logger = logging.getLogger(__name__)
+
+# A peer that forwards a request sets this header; the request is then served here, never routed again.
+FORWARDED_HEADER: Final = "X-Helexa-Forwarded"
+# `status` label of a request whose client went away before the answer was complete (as nginx does).
+CLIENT_CLOSED_STATUS: Final = 499
+JSON_CONTENT_TYPE: Final = "application/json"
+
+Kind = Literal["chat", "completion"]
+
+
+def add_openai_routes(app: web.Application) -> None:
+    """Register the client-facing routes (and `/healthz`, `/metrics`) on `app`."""
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{id:.+}", get_model)  # ids contain '/': Qwen/Qwen2.5-7B-Instruct
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: one translation, one middleware
+
+
+def _from_http_exception(exc: web.HTTPException) -> HelexaError:
+    if exc.status == 404:
+        return NotFound("no such route")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(
+            f"method {exc.method} not allowed here", allowed=tuple(sorted(exc.allowed_methods))
+        )
+    if exc.status == 413:
+        return PayloadTooLarge(exc.text or None)
+    err = HelexaError(exc.reason)
+    err.status = exc.status
+    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    err.code = None
+    return err
+
+
+def _from_unexpected(exc: BaseException) -> HelexaError:
+    logger.error("unexpected error: %r", exc, exc_info=exc)
+    return InternalError()
+
+
+def _from_engine(exc: BaseException) -> HelexaError:
+    assert isinstance(exc, EngineError)
+    return from_engine_error(exc)
+
+
+def _from_http(exc: BaseException) -> HelexaError:
+    assert isinstance(exc, web.HTTPException)
+    return _from_http_exception(exc)
+
+
+# Looked up along the exception's MRO (as starlette does): the most specific translator wins.
+_TRANSLATORS: Final[dict[type[BaseException], Callable[[BaseException], HelexaError]]] = {
+    EngineError: _from_engine,
+    web.HTTPException: _from_http,
+    Exception: _from_unexpected,
+}
+
+
+def to_helexa_error(exc: Exception) -> HelexaError:
+    """The client-facing error for any exception (unexpected ones are logged with their traceback)."""
+    if isinstance(exc, HelexaError):
+        return exc
+    for cls in type(exc).__mro__:
+        translate = _TRANSLATORS.get(cls)
+        if translate is not None:
+            return translate(exc)
+    return _from_unexpected(exc)  # pragma: no cover - Exception is always in the MRO
+
+
+def error_response(err: HelexaError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(error_envelope(err)),
+        content_type=JSON_CONTENT_TYPE,
+        headers=err.headers(),
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into the OpenAI envelope with its status (and Retry-After / Allow headers)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # redirects and the like are responses, not errors
+            raise
+        return error_response(to_helexa_error(exc))
+    except Exception as exc:
+        return error_response(to_helexa_error(exc))
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE)
+
+
+def _authorize(request: web.Request) -> None:
+    """Check `Authorization: Bearer <key>` against the configured client keys (constant time)."""
+    keys = request.app.get(API_KEYS)
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized()
+    given = token.strip().encode()
+    matched = False
+    for key in keys:  # compare against every key, so timing says nothing about which one is close
+        matched |= hmac.compare_digest(given, key.encode())
+    if not matched:
+        raise Unauthorized("invalid API key")
+
+
+async def _aclose(events: AsyncIterator[GenerationEvent]) -> None:
+    """Close the engine's generator: aborts the request inside the engine if it is still running."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while we were writing to it."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write, telling a client that has gone (aiohttp raises ConnectionResetError) from any other error."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        raise _ClientGone() from exc
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> bool:
+    """Write; False when the client has gone (then there is nobody to tell)."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        logger.debug("client gone while writing: %r", exc)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Read-only endpoints
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    _authorize(request)
+    return _json(protocol.model_list_json(request.app[CORTEX].list_models()))
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    _authorize(request)
+    model_id = request.match_info["id"]
+    listing = request.app[CORTEX].get_model(model_id)
+    if listing is None:
+        raise ModelNotFound(model_id)
+    return _json(protocol.model_json(listing))
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness/readiness from cached state only (never waits on a busy engine)."""
+    probe = request.app.get(HEALTH)
+    body: dict[str, object] = dict(probe()) if probe is not None else {"status": "ok"}
+    body.setdefault("status", "ok")
+    body.setdefault("node", request.app.get(NODE_NAME, "local"))
+    return _json(orjson.dumps(body), status=503 if body["status"] == "draining" else 200)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    from .metrics import CONTENT_TYPE
+
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference endpoints
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Job:
+    """What an inference request asks for, whichever endpoint it came through."""
+
+    kind: Kind
+    model: str
+    sampling: protocol.SamplingOverrides
+    stream: bool
+    include_usage: bool
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class _Outcome:
+    """Filled in while a request is served; becomes the metrics and the one log line."""
+
+    kind: Kind
+    started: float
+    model: str = "-"  # the resolved catalogue id; never the raw client string (label cardinality)
+    route: Route = "local"
+    node: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "completion")
+
+
+async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
+    outcome = _Outcome(kind=kind, started=time.perf_counter())
+    try:
+        response = await _serve(request, kind, outcome)
+        if outcome.status == 200:
+            outcome.status = response.status
+        return response
+    except asyncio.CancelledError:
+        outcome.status = CLIENT_CLOSED_STATUS
+        raise
+    except Exception as exc:
+        err = to_helexa_error(exc)
+        outcome.status = err.status
+        if err is exc:
+            raise
+        raise err from exc
+    finally:
+        _record(request, outcome)
+
+
+def _record(request: web.Request, outcome: _Outcome) -> None:
+    duration_s = time.perf_counter() - outcome.started
+    request.app[METRICS].observe_request(
+        model=outcome.model,
+        route=outcome.route,
+        status=outcome.status,
+        duration_s=duration_s,
+        node=outcome.node,
+    )
+    logger.info(
+        "%s model=%s route=%s status=%d prompt_tokens=%d completion_tokens=%d ttft_ms=%s duration_ms=%.1f",
+        outcome.kind,
+        outcome.model,
+        outcome.route,
+        outcome.status,
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+        "-" if outcome.ttft_s is None else f"{outcome.ttft_s * 1000:.1f}",
+        duration_s * 1000,
+    )
+
+
+def _parse(kind: Kind, body: bytes) -> _Job:
+    if kind == "chat":
+        chat = protocol.parse_chat_request(body)
+        return _Job(
+            kind=kind,
+            model=chat.model,
+            sampling=chat.sampling,
+            stream=chat.stream,
+            include_usage=chat.include_usage,
+            messages=chat.messages,
+        )
+    completion = protocol.parse_completion_request(body)
+    return _Job(
+        kind=kind,
+        model=completion.model,
+        sampling=completion.sampling,
+        stream=completion.stream,
+        include_usage=completion.include_usage,
+        prompt=completion.prompt,
+    )
+
+
+def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: int | None) -> SamplingParams:
+    """Request values over catalogue defaults; `max_tokens` checked against the context length.
+
+    A client asking for more tokens than the context holds gets a 400 naming its field; a catalogue
+    default larger than the context is clamped silently.
+    """
+    params = protocol.resolve_sampling(job.sampling, defaults)
+    if context_length and params.max_tokens is not None and params.max_tokens > context_length:
+        if job.sampling.max_tokens is not None:
+            name = job.sampling.max_tokens_param
+            raise InvalidRequest(
+                f"'{name}' is {params.max_tokens}, more than this model's context length "
+                f"({context_length} tokens).",
+                param=name,
+                code="context_length_exceeded",
+            )
+        params = dataclasses.replace(params, max_tokens=context_length)
+    return params
+
+
+async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.StreamResponse:
+    _authorize(request)
+    body = await request.read()
+    job = _parse(kind, body)
+    cortex = request.app[CORTEX]
+    decision = cortex.route(job.model, forwarded=FORWARDED_HEADER in request.headers)
+    outcome.model = decision.entry.id
+    if isinstance(decision, RemoteDecision):
+        return await _forward(request, decision, body, outcome)
+    outcome.node = request.app.get(NODE_NAME)
+    cold = getattr(decision, "cold", None)
+    if not isinstance(cold, bool):
+        listing = cortex.get_model(decision.entry.id)
+        cold = listing is None or not listing.loaded
+    sampling = _sampling_for(job, decision.entry.defaults, decision.entry.context_length)
+    generation = GenerationRequest(
+        request_id=RequestId(protocol.new_chat_id() if kind == "chat" else protocol.new_completion_id()),
+        sampling=sampling,
+        prompt=job.prompt,
+        messages=job.messages,
+    )
+    if job.stream:
+        return await _stream(
+            request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+        )
+    return await _collect(
+        request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+    )
+
+
+async def _forward(
+    request: web.Request, decision: RemoteDecision, body: bytes, outcome: _Outcome
+) -> web.StreamResponse:
+    outcome.route = "forwarded"
+    outcome.node = decision.node.name
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is None:
+        raise ModelUnavailable(
+            f"the model '{decision.entry.id}' is served by another node and this agent cannot forward",
+            reason="no_forwarder",
+        )
+    return await forwarder(request, decision, body)
+
+
+class _Timing:
+    """Time to first token and inter-token latency for one request, straight into the metrics."""
+
+    __slots__ = ("cold", "last", "metrics", "model", "outcome")
+
+    def __init__(self, request: web.Request, outcome: _Outcome, cold: bool) -> None:
+        self.metrics = request.app[METRICS]
+        self.outcome = outcome
+        self.model = outcome.model
+        self.cold = cold
+        self.last: float | None = None
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.outcome.ttft_s = now - self.outcome.started
+            self.metrics.observe_ttft(model=self.model, cold=self.cold, seconds=self.outcome.ttft_s)
+        else:
+            self.metrics.observe_inter_token(model=self.model, seconds=now - self.last)
+        self.last = now
+
+    def done(self, final: FinalEvent) -> None:
+        self.outcome.prompt_tokens = final.usage.prompt_tokens
+        self.outcome.completion_tokens = final.usage.completion_tokens
+        self.metrics.add_tokens(
+            model=self.model, prompt=final.usage.prompt_tokens, completion=final.usage.completion_tokens
+        )
+
+
+def _fit_to_model(generation: GenerationRequest, context_length: int) -> GenerationRequest:
+    """Clamp `max_tokens` to the loaded model's own context length (known only once it is loaded)."""
+    limit = generation.sampling.max_tokens
+    if context_length > 0 and limit is not None and limit > context_length:
+        sampling = dataclasses.replace(generation.sampling, max_tokens=context_length)
+        return dataclasses.replace(generation, sampling=sampling)
+    return generation
+
+
+async def _collect(
+    request: web.Request,
+    *,
+    job: _Job,
+    decision: LocalDecision,
+    generation: GenerationRequest,
+    cold: bool,
+    outcome: _Outcome,
+) -> web.StreamResponse:
+    timing = _Timing(request, outcome, cold)
+    pieces: list[str] = []
+    final: FinalEvent | None = None
+    async with decision.acquire() as model:
+        generation = _fit_to_model(generation, model.context_length)
+        events = model.generate(generation)
+        try:
+            async for event in events:
+                if isinstance(event, Delta):
+                    if event.text:
+                        timing.token()
+                        pieces.append(event.text)
+                else:
+                    final = event
+        finally:
+            await _aclose(events)
+    if final is None:
+        raise ModelFault("the model ended without a result")
+    timing.done(final)
+    builder = protocol.chat_completion if job.kind == "chat" else protocol.text_completion
+    return _json(
+        builder(
+            id=generation.request_id,
+            model=decision.entry.id,
+            created=int(time.time()),
+            text="".join(pieces),
+            finish_reason=final.finish_reason,
+            usage=final.usage,
+        )
+    )
+
+
+async def _stream(
+    request: web.Request,
+    *,
+    job: _Job,
+    decision: LocalDecision,
+    generation: GenerationRequest,
+    cold: bool,
+    outcome: _Outcome,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=sse.HEADERS)
+    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, sse.KEEPALIVE_INTERVAL_S)
+    timing = _Timing(request, outcome, cold)
+    chat = job.kind == "chat"
+    ident, model_id, created = generation.request_id, decision.entry.id, int(time.time())
+
+    async def start() -> None:
+        if not response.prepared:
+            await response.prepare(request)
+
+    def chunk(text: str | None, finish: FinishReason | None = None, role: bool = False) -> bytes:
+        if chat:
+            data = protocol.chat_chunk(
+                id=ident, model=model_id, created=created, content=text, role=role, finish_reason=finish
+            )
+        else:
+            data = protocol.completion_chunk(
+                id=ident, model=model_id, created=created, text=text or "", finish_reason=finish
+            )
+        return sse.event(data)
+
+    async def fail(exc: Exception) -> web.StreamResponse:
+        err = to_helexa_error(exc)
+        outcome.status = err.status
+        logger.warning("stream %s failed after it started: %s", ident, err.message)
+        await _write_quietly(response, sse.error_event(err))
+        return response
+
+    async with contextlib.AsyncExitStack() as stack:
+        # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), with keep-alives.
+        try:
+            async with sse.keepalive(start, response.write, interval_s):
+                model = await stack.enter_async_context(decision.acquire())
+                generation = _fit_to_model(generation, model.context_length)
+                events = model.generate(generation)
+                stack.push_async_callback(_aclose, events)
+                first = await anext(events, None)
+        except Exception as exc:
+            if not response.prepared:
+                raise  # nothing sent yet: the middleware answers with the real status
+            return await fail(exc)
+
+        # Phase 2: stream.
+        try:
+            await start()
+            if chat:
+                await _write(response, chunk("", role=True))
+            event = first
+            final: FinalEvent | None = None
+            while event is not None:
+                if isinstance(event, Delta):
+                    if event.text:
+                        timing.token()
+                        await _write(response, chunk(event.text))
+                else:
+                    final = event
+                    break
+                event = await anext(events, None)
+            if final is None:
+                raise ModelFault("the model ended without a result")
+            timing.done(final)
+            await _write(response, chunk(None if chat else "", finish=final.finish_reason))
+            if job.include_usage:
+                usage_chunk = protocol.chat_usage_chunk if chat else protocol.completion_usage_chunk
+                await _write(
+                    response,
+                    sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
+                )
+            await _write(response, sse.DONE)
+        except (_ClientGone, ConnectionError) as exc:
+            # ConnectionError too: `prepare()` on a closed transport raises it directly.
+            logger.debug("stream %s: client gone: %r", ident, exc)
+            outcome.status = CLIENT_CLOSED_STATUS
+            return response
+        except Exception as exc:
+            return await fail(exc)
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response
