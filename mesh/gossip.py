@@ -1,0 +1,635 @@
+"""Push-pull anti-entropy gossip of `NodeRecord`s, over a pluggable transport.
+
+Every `interval` an agent bumps its own heartbeat, ticks the failure detector, and exchanges with up to
+`fanout` random live (or suspect) peers, plus static/mDNS seed addresses not yet known as live records
+(with backoff), plus now and then one dead peer so that a healed partition converges again:
+
+    A → B  syn   {digest: [[id, gen, ver, hb], ...]}                 A's whole digest
+    B → A  ack   {records: [...], hb: [[i, hb], ...],                what A lacks / is behind on
+                  want_full: [i, ...], want_hb: [i, ...]}            (i indexes A's digest list)
+    A → B  push  {records: [...], heartbeats: [[id, gen, ver, hb]]}  only if B wanted something
+
+Every `full_exchange_every_rounds` one exchange is a `full` one (all records both ways), which repairs
+anything a digest cannot show. Each exchange runs under `asyncio.timeout(gossip_peer_timeout_s)`; a
+failure is counted and reported to the detector and never ends the loop. Messages carry the mesh name;
+another mesh's messages are answered with `reject` and its records are never merged. Records that do
+not decode (`CodecError`) are dropped one by one. Graceful leave pushes the own record with
+`left = true` to every live peer.
+
+The transport is `async (peer, body) -> reply body` and raises on failure: `HttpTransport` posts to
+`POST /mesh/peer/gossip` (mount `gossip_handler(gossip)` there, or `add_routes`), `InMemoryNetwork`
+connects gossipers in one process (tests, `scripts/bench_gossip_sim.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+from .auth import NONCE_HEADER, MeshAuth
+from .codec import CodecError, decode_json, dumps, node_from_dict, node_to_dict
+from .membership import FailureDetector, MembershipEvent
+from .merge import DigestEntry, apply_heartbeats, diff, merge_record, mesh_catalogue, order_key
+from .records import Liveness, NodeId, NodeRecord
+from .timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, MeshTiming
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GOSSIP_PATH",
+    "Gossip",
+    "GossipStats",
+    "HttpTransport",
+    "InMemoryNetwork",
+    "PeerAddr",
+    "Transport",
+    "add_routes",
+    "gossip_handler",
+]
+
+GOSSIP_PATH = "/mesh/peer/gossip"
+PROTOCOL_VERSION = 1
+MAX_DIGEST_ENTRIES = 100_000
+_SEED_BACKOFF_MAX_S = 30.0
+_MAX_INT = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PeerAddr:
+    """Where a peer's API listens."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self}"
+
+    @classmethod
+    def parse(cls, text: str, *, default_port: int = 31313) -> PeerAddr:
+        """`host:port`, `[v6]:port`, or a bare host (default port). Raises ValueError."""
+        text = text.strip()
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else default_port
+        elif text.count(":") == 1:
+            host, _, p = text.partition(":")
+            port = int(p)
+        else:
+            host, port = text, default_port
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"bad peer address {text!r}")
+        return cls(host, port)
+
+
+Transport = Callable[[PeerAddr, bytes], Awaitable[bytes]]
+RecordListener = Callable[[NodeRecord | None, NodeRecord | None], None]  # (old, new); new None: forgotten
+
+
+class GossipError(Exception):
+    """An exchange failed (bad reply, other mesh, refused)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class GossipStats:
+    """Counters for metrics (monotonic; read them, never reset them)."""
+
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    exchanges_ok: int = 0
+    exchanges_failed: int = 0
+    messages_handled: int = 0
+    messages_refused: int = 0
+    records_dropped: int = 0  # peer records that failed to decode or belonged to another mesh
+
+
+@dataclass(kw_only=True, slots=True)
+class _Seed:
+    next_try_at: float = 0.0
+    backoff_s: float = 0.0
+
+
+class Gossip:
+    """One agent's gossip state and loop. Use from one event loop; `handle` is synchronous and cheap."""
+
+    def __init__(
+        self,
+        *,
+        own: NodeRecord,
+        transport: Transport,
+        timing: MeshTiming = DEFAULT_TIMING,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        seeds: Iterable[PeerAddr] = (),
+    ) -> None:
+        self.mesh = own.mesh
+        self.self_id = own.node_id
+        self.timing = timing
+        self.stats = GossipStats()
+        self._transport = transport
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._view: dict[NodeId, NodeRecord] = {own.node_id: own}
+        self.detector = FailureDetector(self_id=own.node_id, timing=timing, clock=clock)
+        self._seeds: dict[PeerAddr, _Seed] = {s: _Seed() for s in seeds}
+        self._tombstones: dict[NodeId, tuple[DigestEntry, float]] = {}
+        self._record_listeners: list[RecordListener] = []
+        self._warned: set[str] = set()
+        self._leaving = False
+
+    # --- state --------------------------------------------------------------------------------------
+
+    @property
+    def own(self) -> NodeRecord:
+        return self._view[self.self_id]
+
+    @property
+    def view(self) -> Mapping[NodeId, NodeRecord]:
+        """Every known record (own included), read-only."""
+        return MappingProxyType(self._view)
+
+    def liveness(self, node_id: NodeId) -> Liveness | None:
+        return self.detector.liveness(node_id)
+
+    def nodes(self) -> list[tuple[NodeRecord, Liveness]]:
+        """Every known record with its liveness (for `/mesh/state`)."""
+        return [(r, self.detector.liveness(nid) or "suspect") for nid, r in self._view.items()]
+
+    def live_records(self) -> list[NodeRecord]:
+        """Records routing may use: self plus peers that are alive and not draining or left."""
+        return [
+            r
+            for nid, r in self._view.items()
+            if self.detector.liveness(nid) == "alive" and not r.left and not r.draining
+        ]
+
+    def catalogue(self) -> list[dict[str, object]]:
+        """The mesh-wide catalogue over every known record that is not dead or left."""
+        return mesh_catalogue(
+            r for nid, r in self._view.items() if self.detector.liveness(nid) in ("alive", "suspect")
+        )
+
+    def add_record_listener(self, fn: RecordListener) -> None:
+        self._record_listeners.append(fn)
+
+    def add_membership_listener(self, fn: Callable[[MembershipEvent], None]) -> None:
+        self.detector.add_listener(fn)
+
+    def _notify(self, old: NodeRecord | None, new: NodeRecord | None) -> None:
+        for fn in self._record_listeners:
+            try:
+                fn(old, new)
+            except Exception:
+                log.exception("gossip record listener failed")
+
+    def update_own(self, **changes: Any) -> NodeRecord:
+        """Replace fields of the own record (`models=...`, `devices=...`, `catalogue=...`); version + 1."""
+        old = self.own
+        new = dataclasses.replace(old, version=old.version + 1, **changes)
+        self._view[self.self_id] = new
+        self._notify(old, new)
+        return new
+
+    def beat(self) -> None:
+        """Advance the own heartbeat (no new version: heartbeats travel as small digest updates)."""
+        own = self.own
+        self._view[self.self_id] = dataclasses.replace(own, heartbeat=own.heartbeat + 1)
+
+    def add_seed(self, addr: PeerAddr) -> None:
+        """A static peer or an mDNS hint: contacted until a live record covers the address."""
+        if addr not in self._seeds:
+            self._seeds[addr] = _Seed()
+
+    def add_hint(self, *, address: str, port: int, node_id: str, mesh: str) -> None:
+        """Discovery callback: a service was seen. Only a hint; liveness comes from gossip."""
+        if mesh != self.mesh or node_id == self.self_id:
+            return
+        self.add_seed(PeerAddr(address, port))
+
+    # --- loop ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Gossip every interval until cancelled or `leave()`; never ends on an exchange's failure."""
+        loop = asyncio.get_running_loop()  # pacing uses the loop's clock; the detector uses `clock`
+        next_at = loop.time()
+        while not self._leaving:
+            try:
+                await self.round()
+            except Exception:
+                log.exception("gossip round failed")
+            next_at += self.timing.gossip_interval_s
+            now = loop.time()
+            next_at = max(next_at, now)  # fell behind (slow round, paused loop): don't burst to catch up
+            await asyncio.sleep(next_at - now)
+
+    async def round(self) -> None:
+        """One round: beat, tick the detector, exchange with the chosen peers concurrently."""
+        self.stats.rounds += 1
+        self.beat()
+        for gone in self.detector.tick():
+            self._forget(gone)
+        self._expire_tombstones()
+        targets = self._choose_targets()
+        full_round = self.stats.rounds % max(1, self.timing.full_exchange_every_rounds) == 0
+        async with asyncio.TaskGroup() as tg:
+            for i, (addr, nid) in enumerate(targets):
+                tg.create_task(self._exchange_safely(addr, nid, full=full_round and i == 0))
+
+    def _forget(self, nid: NodeId) -> None:
+        old = self._view.pop(nid, None)
+        if old is not None:
+            self._tombstones[nid] = (order_key(old), self._clock() + self.timing.tombstone_s)
+            self._notify(old, None)
+
+    def _expire_tombstones(self) -> None:
+        now = self._clock()
+        for nid in [n for n, (_, until) in self._tombstones.items() if until <= now]:
+            del self._tombstones[nid]
+
+    def _choose_targets(self) -> list[tuple[PeerAddr, NodeId | None]]:
+        live: list[NodeRecord] = []
+        dead: list[NodeRecord] = []
+        covered: set[PeerAddr] = set()
+        for nid, r in self._view.items():
+            if nid == self.self_id or r.left:
+                continue
+            state = self.detector.liveness(nid)
+            if state in ("alive", "suspect"):
+                live.append(r)
+                covered.add(PeerAddr(r.address, r.port))
+            elif state == "dead":
+                dead.append(r)
+        picks = self._rng.sample(live, min(self.timing.gossip_fanout, len(live)))
+        out: list[tuple[PeerAddr, NodeId | None]] = [(PeerAddr(r.address, r.port), r.node_id) for r in picks]
+        every = max(1, self.timing.reconnect_dead_every_rounds)
+        if dead and self.stats.rounds % every == 0:
+            r = self._rng.choice(dead)
+            out.append((PeerAddr(r.address, r.port), r.node_id))
+        now = self._clock()
+        chosen = {a for a, _ in out}
+        for addr, seed in self._seeds.items():
+            if addr not in covered and addr not in chosen and seed.next_try_at <= now:
+                out.append((addr, None))
+        return out
+
+    async def _exchange_safely(self, addr: PeerAddr, nid: NodeId | None, *, full: bool) -> None:
+        seed = self._seeds.get(addr)
+        try:
+            async with asyncio.timeout(self.timing.gossip_peer_timeout_s):
+                await self.exchange(addr, full=full)
+        except Exception as e:  # every failure of one exchange stays in that exchange
+            self.stats.exchanges_failed += 1
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if nid is not None:
+                self.detector.report_failure(nid, reason)
+            if seed is not None:
+                seed.backoff_s = min(
+                    _SEED_BACKOFF_MAX_S, max(self.timing.gossip_interval_s, seed.backoff_s * 2)
+                )
+                seed.next_try_at = self._clock() + seed.backoff_s
+            self._log_once(str(addr), "gossip with %s failed: %s", addr, reason)
+        else:
+            self.stats.exchanges_ok += 1
+            if nid is not None:
+                self.detector.report_success(nid)
+            if seed is not None:
+                seed.backoff_s = 0.0
+                seed.next_try_at = 0.0
+            self._warned.discard(str(addr))
+
+    def _log_once(self, key: str, msg: str, *args: object) -> None:
+        if key in self._warned:
+            log.debug(msg, *args)
+        else:
+            if len(self._warned) < 4096:
+                self._warned.add(key)
+            log.warning(msg + " (repeats are logged at debug)", *args)
+
+    # --- initiator ----------------------------------------------------------------------------------
+
+    def _envelope(self, kind: str, **body: object) -> dict[str, object]:
+        return {"v": PROTOCOL_VERSION, "type": kind, "mesh": self.mesh, "from": self.self_id, **body}
+
+    async def _send(self, addr: PeerAddr, msg: dict[str, object]) -> Mapping[str, Any]:
+        body = dumps(msg)
+        self.stats.bytes_sent += len(body)
+        reply = await self._transport(addr, body)
+        self.stats.bytes_received += len(reply)
+        data = decode_json(reply, max_bytes=MAX_GOSSIP_MESSAGE_BYTES)
+        if not isinstance(data, dict):
+            raise GossipError("reply is not an object")
+        if data.get("type") == "reject":
+            raise GossipError(f"peer refused: {str(data.get('reason'))[:200]}")
+        if data.get("mesh") != self.mesh:
+            raise GossipError(f"peer is in mesh {str(data.get('mesh'))[:100]!r}, not {self.mesh!r}")
+        return data
+
+    async def exchange(self, addr: PeerAddr, *, full: bool = False) -> None:
+        """One push-pull exchange with `addr` (no timeout here: `round` adds it). Raises on failure."""
+        if full:
+            reply = await self._send(addr, self._envelope("full", records=self._all_records()))
+            self._absorb(reply, reply.get("records"), None)
+            return
+        syn = [[nid, *order_key(r)] for nid, r in self._view.items()]
+        reply = await self._send(addr, self._envelope("syn", digest=syn))
+        if reply.get("type") != "ack":
+            raise GossipError(f"unexpected reply {str(reply.get('type'))[:40]!r}")
+        self._absorb(reply, reply.get("records"), None)
+        self._absorb_indexed_heartbeats(reply, syn)
+        records: list[dict[str, object]] = []
+        heartbeats: list[list[object]] = []
+        for key, full_wanted in (("want_full", True), ("want_hb", False)):
+            for i in _int_list(reply.get(key), len(syn)):
+                r = self._view.get(NodeId(str(syn[i][0])))
+                if r is None:
+                    continue
+                if full_wanted:
+                    records.append(node_to_dict(r))
+                else:
+                    heartbeats.append([r.node_id, *order_key(r)])
+        if records or heartbeats:
+            await self._send(addr, self._envelope("push", records=records, heartbeats=heartbeats))
+
+    def _all_records(self) -> list[dict[str, object]]:
+        return [node_to_dict(r) for r in self._view.values()]
+
+    def _absorb_indexed_heartbeats(self, reply: Mapping[str, Any], syn: list[list[Any]]) -> None:
+        sender = reply.get("from")
+        hb = reply.get("hb")
+        if not isinstance(hb, list):
+            return
+        updates: list[tuple[NodeId, int, int, int]] = []
+        for item in hb[: len(syn)]:
+            if (
+                isinstance(item, list)
+                and len(item) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+                and 0 <= item[0] < len(syn)
+                and 0 <= item[1] <= _MAX_INT
+            ):
+                nid, gen, ver, _ = syn[item[0]]
+                updates.append((nid, gen, ver, item[1]))
+        for nid in apply_heartbeats(self._view, updates):
+            self.detector.observe(self._view[nid], direct=nid == sender)
+
+    # --- responder ----------------------------------------------------------------------------------
+
+    def handle(self, body: bytes) -> tuple[int, bytes]:
+        """Answer one gossip message: (HTTP status, reply body). Never raises on bad input."""
+        try:
+            msg = decode_json(body, max_bytes=MAX_GOSSIP_MESSAGE_BYTES)
+            if not isinstance(msg, dict):
+                raise CodecError("message is not an object")
+            reply = self._handle(msg)
+        except CodecError as e:
+            self.stats.messages_refused += 1
+            log.debug("refusing gossip message: %s", e)
+            return 400, dumps({"type": "reject", "reason": f"bad message: {e}"[:300]})
+        self.stats.bytes_received += len(body)
+        out = dumps(reply)
+        self.stats.bytes_sent += len(out)
+        self.stats.messages_handled += 1
+        return 200, out
+
+    def _handle(self, msg: Mapping[str, Any]) -> dict[str, object]:
+        if msg.get("mesh") != self.mesh:
+            self.stats.messages_refused += 1
+            self._log_once(
+                f"mesh:{str(msg.get('from'))[:128]}",
+                "ignoring gossip from %r of mesh %r (this agent is in mesh %r)",
+                str(msg.get("from"))[:128],
+                str(msg.get("mesh"))[:100],
+                self.mesh,
+            )
+            return {"type": "reject", "reason": "mesh", "mesh": self.mesh}
+        kind = msg.get("type")
+        sender = msg.get("from") if isinstance(msg.get("from"), str) else None
+        if kind == "syn":
+            digest = _parse_digest(msg.get("digest"))
+            return self._ack(digest)
+        if kind == "push":
+            self._absorb(msg, msg.get("records"), sender)
+            self._absorb_heartbeats(msg.get("heartbeats"), sender)
+            return self._envelope("ok")
+        if kind == "full":
+            self._absorb(msg, msg.get("records"), sender)
+            return self._envelope("full", records=self._all_records())
+        raise CodecError(f"unknown message type {str(kind)[:40]!r}")
+
+    def _ack(self, their: list[tuple[NodeId, DigestEntry]]) -> dict[str, object]:
+        their_map = dict(their)
+        delta = diff(self._view, their_map)
+        index = {nid: i for i, (nid, _) in enumerate(their)}
+        want_full: list[int] = []
+        want_hb: list[int] = []
+        for nid in delta.wanted:
+            mine = self._view.get(nid)
+            if mine is not None and their_map[nid][:2] == order_key(mine)[:2]:
+                want_hb.append(index[nid])
+            elif mine is None or their_map[nid][:2] > order_key(mine)[:2]:
+                want_full.append(index[nid])
+        return self._envelope(
+            "ack",
+            records=[node_to_dict(r) for r in delta.records],
+            hb=[[index[nid], hb] for nid, _, _, hb in delta.heartbeats],
+            want_full=want_full,
+            want_hb=want_hb,
+        )
+
+    def _absorb_heartbeats(self, v: object, sender: str | None) -> None:
+        if not isinstance(v, list):
+            return
+        updates = []
+        for item in v[:MAX_DIGEST_ENTRIES]:
+            parsed = _digest_item(item)
+            if parsed is not None:
+                nid, (gen, ver, hb) = parsed
+                updates.append((nid, gen, ver, hb))
+        for nid in apply_heartbeats(self._view, updates):
+            self.detector.observe(self._view[nid], direct=nid == sender)
+
+    def _absorb(self, msg: Mapping[str, Any], records: object, sender: str | None) -> None:
+        """Merge the records of a message (bad ones dropped one by one)."""
+        if sender is None and isinstance(msg.get("from"), str):
+            sender = msg["from"]
+        if not isinstance(records, list):
+            return
+        for i, raw in enumerate(records):
+            try:
+                rec = node_from_dict(raw, f"records[{i}]")
+            except CodecError as e:
+                self.stats.records_dropped += 1
+                log.debug("dropping a record from %s: %s", sender, e)
+                continue
+            self._merge_one(rec, direct=rec.node_id == sender)
+
+    def _merge_one(self, rec: NodeRecord, *, direct: bool) -> None:
+        if rec.mesh != self.mesh:
+            self.stats.records_dropped += 1
+            return
+        nid = rec.node_id
+        if nid == self.self_id:
+            own = self.own
+            if order_key(rec)[:2] > order_key(own)[:2]:
+                # Someone holds a "newer" record of us: an earlier run with a clock ahead of ours. Refute
+                # it with a generation above it, or peers would keep the stale one.
+                log.warning(
+                    "peers hold a newer record of this node (generation %d); refuting", rec.generation
+                )
+                self.update_own(generation=max(rec.generation + 1, int(time.time() * 1000)), version=0)
+            return
+        tomb = self._tombstones.get(nid)
+        if tomb is not None:
+            if order_key(rec)[:2] <= tomb[0][:2]:
+                return  # a forgotten node's stale record: don't resurrect it
+            del self._tombstones[nid]
+        old = self._view.get(nid)
+        if merge_record(self._view, rec):
+            new = self._view[nid]
+            self.detector.observe(new, direct=direct)
+            if old is None or order_key(old)[:2] != order_key(new)[:2]:
+                self._notify(old, new)
+
+    # --- leave --------------------------------------------------------------------------------------
+
+    async def leave(self) -> None:
+        """Graceful leave: mark the own record left and push it to every live peer once (bounded)."""
+        self._leaving = True
+        self.update_own(left=True, draining=True)
+        msg = self._envelope("push", records=[node_to_dict(self.own)], heartbeats=[])
+        targets = [
+            PeerAddr(r.address, r.port)
+            for nid, r in self._view.items()
+            if nid != self.self_id and self.detector.liveness(nid) in ("alive", "suspect")
+        ]
+
+        async def one(addr: PeerAddr) -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timing.leave_timeout_s):
+                    await self._send(addr, msg)
+
+        async with asyncio.TaskGroup() as tg:
+            for addr in targets:
+                tg.create_task(one(addr))
+
+
+# --- parsing helpers --------------------------------------------------------------------------------
+
+
+def _digest_item(item: object) -> tuple[NodeId, DigestEntry] | None:
+    if not (
+        isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and 0 < len(item[0]) <= 128
+    ):
+        return None
+    nums = item[1:]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_INT for x in nums):
+        return None
+    return NodeId(item[0]), (nums[0], nums[1], nums[2])
+
+
+def _parse_digest(v: object) -> list[tuple[NodeId, DigestEntry]]:
+    if not isinstance(v, list):
+        raise CodecError("digest: expected a list")
+    if len(v) > MAX_DIGEST_ENTRIES:
+        raise CodecError("digest: too many entries")
+    out: list[tuple[NodeId, DigestEntry]] = []
+    seen: set[NodeId] = set()
+    for i, item in enumerate(v):
+        parsed = _digest_item(item)
+        if parsed is None:
+            raise CodecError(f"digest[{i}]: expected [id, generation, version, heartbeat]")
+        if parsed[0] not in seen:
+            seen.add(parsed[0])
+            out.append(parsed)
+    return out
+
+
+def _int_list(v: object, bound: int) -> list[int]:
+    if not isinstance(v, list):
+        return []
+    return [x for x in v[:bound] if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < bound]
+
+
+# --- transports -------------------------------------------------------------------------------------
+
+
+class HttpTransport:
+    """Posts gossip messages to `POST /mesh/peer/gossip` with aiohttp; signs and checks with a mesh key."""
+
+    def __init__(
+        self, session: ClientSession, *, auth: MeshAuth | None = None, path: str = GOSSIP_PATH
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._path = path
+
+    async def __call__(self, peer: PeerAddr, body: bytes) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        if self._auth is not None:
+            headers.update(self._auth.sign("POST", self._path, body))
+        async with self._session.post(f"{peer.url}{self._path}", data=body, headers=headers) as resp:
+            data = await resp.content.read(MAX_GOSSIP_MESSAGE_BYTES + 1)
+            if len(data) > MAX_GOSSIP_MESSAGE_BYTES:
+                raise GossipError("reply too large")
+            if resp.status != 200:
+                raise GossipError(f"HTTP {resp.status}: {data[:200]!r}")
+            if self._auth is not None:
+                self._auth.verify_response(headers[NONCE_HEADER], resp.status, data, resp.headers)
+            return data
+
+
+def gossip_handler(gossip: Gossip) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler for `POST /mesh/peer/gossip` (authentication is the middleware's job)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_GOSSIP_MESSAGE_BYTES:
+            return web.json_response({"type": "reject", "reason": "message too large"}, status=413)
+        body = await request.read()
+        status, reply = gossip.handle(body)
+        return web.Response(body=reply, status=status, content_type="application/json")
+
+    return handle
+
+
+def add_routes(app: web.Application, gossip: Gossip) -> None:
+    app.router.add_post(GOSSIP_PATH, gossip_handler(gossip))
+
+
+class InMemoryNetwork:
+    """Gossipers in one process connected by direct calls; links can be cut (tests, simulation)."""
+
+    def __init__(self, *, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self.nodes: dict[PeerAddr, Gossip] = {}
+        self.cut: set[PeerAddr] = set()
+
+    def transport_for(self, src: PeerAddr) -> Transport:
+        async def transport(dst: PeerAddr, body: bytes) -> bytes:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            target = self.nodes.get(dst)
+            if target is None or src in self.cut or dst in self.cut:
+                raise ConnectionRefusedError(f"{dst} unreachable")
+            status, reply = target.handle(body)
+            if status != 200:
+                raise GossipError(f"status {status}")
+            return reply
+
+        return transport
+
+    def add(self, addr: PeerAddr, gossip: Gossip) -> None:
+        self.nodes[addr] = gossip

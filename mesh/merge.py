@@ -1,0 +1,161 @@
+"""Pure functions over fleet views: merge, digest, diff, and the mesh-wide catalogue.
+
+A view maps node ids to the newest record known for each. Records are ordered by `order_key`:
+`(generation, version, heartbeat)`, i.e. newer (generation, version) wins, and within one version the
+higher heartbeat (the owner bumps the heartbeat every round without a new version, so that liveness
+spreads without resending whole records). Two different records under the same triple only come from a
+bug or a forger; they are ordered by their encoded bytes so that the merge stays a join of a total order:
+commutative, associative and idempotent whatever peers send.
+
+Digest: node id → (generation, version, heartbeat). `diff(mine, their_digest)` says what to send them
+(full records where they lack the (generation, version), heartbeat-only updates where only the heartbeat
+is behind) and which ids I need from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from .codec import node_to_dict
+from .records import NodeId, NodeRecord
+
+__all__ = [
+    "Delta",
+    "Digest",
+    "DigestEntry",
+    "View",
+    "apply_heartbeats",
+    "diff",
+    "digest",
+    "merge",
+    "merge_record",
+    "mesh_catalogue",
+    "newer",
+    "order_key",
+]
+
+View = Mapping[NodeId, NodeRecord]
+DigestEntry = tuple[int, int, int]  # (generation, version, heartbeat)
+Digest = Mapping[NodeId, DigestEntry]
+
+
+def _canonical(obj: object) -> bytes:
+    """Encoding independent of dict insertion order, for deterministic tie-breaks."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def order_key(r: NodeRecord) -> DigestEntry:
+    return (r.generation, r.version, r.heartbeat)
+
+
+def newer(a: NodeRecord, b: NodeRecord) -> NodeRecord:
+    """The greater of two records about the same node (total order, so the choice is symmetric)."""
+    ka, kb = order_key(a), order_key(b)
+    if ka != kb:
+        return a if ka > kb else b
+    if a is b or a == b:
+        return a
+    return a if _canonical(node_to_dict(a)) >= _canonical(node_to_dict(b)) else b
+
+
+def merge_record(view: dict[NodeId, NodeRecord], record: NodeRecord) -> bool:
+    """Merge one record into a mutable view in place; True if the view changed."""
+    old = view.get(record.node_id)
+    if old is None:
+        view[record.node_id] = record
+        return True
+    win = newer(old, record)
+    if win is old:
+        return False
+    view[record.node_id] = win
+    return True
+
+
+def merge(a: View, b: View) -> dict[NodeId, NodeRecord]:
+    """The join of two views: per node id, the newer record."""
+    out = dict(a)
+    for r in b.values():
+        merge_record(out, r)
+    return out
+
+
+def digest(view: View) -> dict[NodeId, DigestEntry]:
+    return {nid: order_key(r) for nid, r in view.items()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Delta:
+    """What one side sends the other after comparing digests."""
+
+    records: tuple[NodeRecord, ...] = ()  # they lack this (generation, version): the full record
+    heartbeats: tuple[tuple[NodeId, int, int, int], ...] = ()  # same (gen, version), their heartbeat behind
+    wanted: tuple[NodeId, ...] = ()  # ids where they are ahead of me (or I lack the node)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.records or self.heartbeats or self.wanted)
+
+
+def diff(mine: View, their_digest: Digest) -> Delta:
+    """Compare my view with their digest."""
+    records: list[NodeRecord] = []
+    heartbeats: list[tuple[NodeId, int, int, int]] = []
+    wanted: list[NodeId] = []
+    for nid, r in mine.items():
+        theirs = their_digest.get(nid)
+        mk = order_key(r)
+        if theirs is None or theirs[:2] < mk[:2]:
+            records.append(r)
+        elif theirs[:2] == mk[:2] and theirs[2] < mk[2]:
+            heartbeats.append((nid, r.generation, r.version, r.heartbeat))
+    for nid, theirs in their_digest.items():
+        have = mine.get(nid)
+        if have is None or tuple(theirs) > order_key(have):
+            wanted.append(nid)
+    return Delta(records=tuple(records), heartbeats=tuple(heartbeats), wanted=tuple(wanted))
+
+
+def apply_heartbeats(
+    view: dict[NodeId, NodeRecord], heartbeats: Iterable[tuple[NodeId, int, int, int]]
+) -> list[NodeId]:
+    """Advance heartbeats where the (generation, version) matches; returns the ids that advanced.
+
+    A heartbeat update for the same (generation, version) is the merge of the identical record with a
+    higher heartbeat, so this keeps the view's join semantics.
+    """
+    changed: list[NodeId] = []
+    for nid, gen, ver, hb in heartbeats:
+        r = view.get(nid)
+        if r is not None and r.generation == gen and r.version == ver and hb > r.heartbeat:
+            view[nid] = dataclasses.replace(r, heartbeat=hb)
+            changed.append(nid)
+    return changed
+
+
+def _entry_version(e: Mapping[str, object]) -> int:
+    v = e.get("version", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def mesh_catalogue(records: Iterable[NodeRecord]) -> list[dict[str, object]]:
+    """The mesh-wide catalogue: for each entry id the newest version among all nodes' entries.
+
+    Ties on version with different content are broken by the encoded bytes (deterministic on every
+    agent). An entry whose newest version carries `"removed": true` is a deletion and is left out.
+    Sorted by id.
+    """
+    best: dict[str, tuple[int, bytes, Mapping[str, object]]] = {}
+    for r in records:
+        for e in r.catalogue:
+            eid = e.get("id")
+            if not isinstance(eid, str):
+                continue
+            cand = (_entry_version(e), _canonical(e))
+            cur = best.get(eid)
+            if cur is None or cand > cur[:2]:
+                best[eid] = (*cand, e)
+    return [dict(e) for _, _, e in (best[k] for k in sorted(best)) if e.get("removed") is not True]

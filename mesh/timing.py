@@ -1,0 +1,112 @@
+"""Protocol timings and limits of the mesh, as named values with the reason for each.
+
+Like python-zeroconf's `const.py`: production values live here, each with why it is what it is, and tests
+shrink them (`MeshTiming.scaled(0.1)`) instead of sleeping through production timeouts. The mesh objects
+(`Gossip`, `FailureDetector`, the proxy) take a `MeshTiming`; nothing reads these constants behind their
+backs except as defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# --- gossip -----------------------------------------------------------------------------------------
+
+# One exchange per second: with push-pull and fanout 3 a change reaches 100 agents in ~4 rounds, inside
+# the "about 2 s for 3-50 hosts, 5 s for 100" target, while the digest traffic stays a few KB/s.
+GOSSIP_INTERVAL_S = 1.0
+# Peers contacted per round. 3 makes the epidemic converge in ~log3(N) rounds and survive a dead pick or
+# two in the same round; more mostly adds bytes.
+GOSSIP_FANOUT = 3
+# Every Nth round one of the exchanges is a full one (all records both ways): repairs anything a digest
+# cannot see (e.g. two different records under one (generation, version, heartbeat) after a bug).
+FULL_EXCHANGE_EVERY_ROUNDS = 30
+# Dead (not left) peers are retried this often so a healed partition converges again: mDNS does not
+# re-announce a peer it has already seen, and static peers may be empty.
+RECONNECT_DEAD_EVERY_ROUNDS = 2
+# One exchange with one peer, both HTTP round trips together. Below the interval so a slow peer never
+# delays the next round; a LAN round trip is well under 10 ms.
+GOSSIP_PEER_TIMEOUT_S = 0.8
+# Graceful leave is pushed to every live peer once, bounded so shutdown is never held up by a dead one.
+LEAVE_TIMEOUT_S = 1.0
+# A gossip message larger than this is refused (100 nodes x a few KB each fits many times over).
+MAX_GOSSIP_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# --- failure detection ------------------------------------------------------------------------------
+
+# No heartbeat advance for 3 s (three missed rounds, never one) → suspect: still listed, not preferred.
+SUSPECT_AFTER_S = 3.0
+# No advance for 8 s → dead and out of routing; with gossip lag of ~1-2 s a crashed peer leaves routing
+# within the 10 s target.
+DEAD_AFTER_S = 8.0
+# Dead or left peers are forgotten (record dropped) after 5 minutes: long enough for the dashboard to
+# show what happened and for every agent to agree, short enough that a renamed fleet cleans up.
+FORGET_AFTER_S = 300.0
+# A forgotten record's (generation, version) is remembered this long so a peer that still holds the stale
+# record cannot resurrect it by gossiping it back.
+TOMBSTONE_S = 600.0
+# If our own loop stalled longer than this between detector ticks (GC, suspended VM, blocked loop), the
+# silence was ours: the gap is credited to every peer instead of declaring the whole fleet dead.
+MAX_TICK_GAP_S = 2.5
+
+# --- security ---------------------------------------------------------------------------------------
+
+# Accepted clock skew for signed peer requests. NTP keeps LAN hosts well inside this.
+AUTH_MAX_SKEW_S = 30.0
+# Nonces remembered for replay detection (entries expire after 2x the skew window). 64k nonces is a few
+# MB and covers far more than the fleet's gossip and forwarding rate within a minute.
+NONCE_CACHE_SIZE = 65536
+
+# --- forwarding -------------------------------------------------------------------------------------
+
+# Connecting to a LAN peer takes milliseconds; 3 s covers a busy host and still lets the caller move to
+# the next candidate quickly.
+PROXY_CONNECT_TIMEOUT_S = 3.0
+# Read-idle (stall) timeout on a forwarded request. Serving agents send SSE keep-alive comments during
+# loads and prefill, so a stream silent this long is a stalled peer. There is deliberately no total
+# timeout: long answers must not be cut. Non-streamed requests that may think longer pass their own.
+PROXY_STALL_TIMEOUT_S = 60.0
+
+# --- events -----------------------------------------------------------------------------------------
+
+# Per-subscriber queue of `/mesh/events`; a subscriber this far behind loses its oldest events.
+EVENT_QUEUE_SIZE = 1000
+# Recent events replayed to a new subscriber, so a dashboard opening shows some history.
+EVENT_HISTORY_SIZE = 100
+# SSE comment keep-alive on an idle event stream (proxies and clients with idle timers).
+EVENT_KEEPALIVE_S = 15.0
+
+# --- discovery --------------------------------------------------------------------------------------
+
+# How long to wait for a browsed service's SRV/TXT/A records (milliseconds, zeroconf's unit).
+MDNS_RESOLVE_TIMEOUT_MS = 3000
+# RFC 6763 advises keeping TXT records small; the mission says well under 400 bytes.
+MDNS_TXT_MAX_BYTES = 300
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MeshTiming:
+    """The timings one agent's mesh objects run with. Tests pass a shrunk copy."""
+
+    gossip_interval_s: float = GOSSIP_INTERVAL_S
+    gossip_fanout: int = GOSSIP_FANOUT
+    full_exchange_every_rounds: int = FULL_EXCHANGE_EVERY_ROUNDS
+    reconnect_dead_every_rounds: int = RECONNECT_DEAD_EVERY_ROUNDS
+    gossip_peer_timeout_s: float = GOSSIP_PEER_TIMEOUT_S
+    leave_timeout_s: float = LEAVE_TIMEOUT_S
+    suspect_after_s: float = SUSPECT_AFTER_S
+    dead_after_s: float = DEAD_AFTER_S
+    forget_after_s: float = FORGET_AFTER_S
+    tombstone_s: float = TOMBSTONE_S
+    max_tick_gap_s: float = MAX_TICK_GAP_S
+
+    def scaled(self, factor: float) -> MeshTiming:
+        """Every duration multiplied by `factor` (counts unchanged): `DEFAULT_TIMING.scaled(0.1)`."""
+        changes = {
+            f.name: getattr(self, f.name) * factor for f in dataclasses.fields(self) if f.name.endswith("_s")
+        }
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT_TIMING = MeshTiming()
