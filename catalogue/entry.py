@@ -22,7 +22,10 @@ class ModelEntry:
     """A validated catalogue entry.
 
     `keep_alive_s`: None = never unload when idle (`keep_alive = -1`), 0 = unload as soon as idle.
-    `source`: local paths are already resolved to absolute paths against the catalogue file's folder.
+    `source`: local paths are already resolved to absolute paths against the catalogue file's folder, and
+    `builtin:NAME` to the package's `catalogue/NAME/` directory on this host.
+    `source_spec`: the portable spelling of `source` when it differs (`builtin:demo`); gossip carries it so
+    each host resolves it against its own installation. None otherwise.
     `version`: grows with every edit; gossip keeps the newer version of an id mesh-wide.
     `defaults`: default sampling (`temperature`, `top_p`, `top_k`, `max_tokens`) applied when a request
     leaves a field out.
@@ -46,6 +49,7 @@ class ModelEntry:
     version: int = 1
     # Engine-specific extras passed through to `LoadSpec.options` (the fake engine's script).
     options: dict[str, object] = field(default_factory=dict)
+    source_spec: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
