@@ -115,7 +115,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so `main` decides how errors look."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"helexa agent: {message}")
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

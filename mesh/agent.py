@@ -1,0 +1,431 @@
+"""`helexa agent`: run this host's agent.
+
+Start-up order (LESSONS: loading before binding made hosts look down for minutes):
+
+1. parse the configuration (a bad value: one line on stderr, exit status 2);
+2. **bind the port** (the socket listens at once: early clients queue in the backlog);
+3. off the event loop: node identity, a first hardware sample, the catalogue (`ensure_catalogue`, then
+   `load_catalogue`; problems are warnings, never fatal);
+4. build the aiohttp application (error middleware, the OpenAI routes, typed app state) and serve it;
+5. in the background (`cleanup_ctx`): the hardware sampler, the keep-alive reaper, preloads.
+
+SIGINT/SIGTERM stop admitting work, run the drain hook (`Agent.drain`, bounded by `drain_timeout_s`;
+the mesh adds a graceful leave there) and exit. Heavy libraries (torch) are imported only when a model
+loads, so an idle agent stays small and starts in well under two seconds.
+
+`build_app(config, engine_for=...)` assembles the same application for tests (with the fake engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from catalogue.entry import ModelEntry
+from engine.base import Engine
+
+from . import appkeys
+from .config import AgentConfig, ConfigError, load_config
+from .cortex import CatalogueView, MeshCortex
+from .fleet import Fleet
+from .hardware import Hardware, HardwareSnapshot
+from .identity import Identity, load_identity
+from .metrics import Metrics
+from .neuron import EngineFactory, HardwareDevices, Neuron, NeuronTiming
+from .records import DeviceRecord, NodeRecord
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+# aiohttp's own bound on closing connections at shutdown. Streams were given `drain_timeout_s` before
+# this point; what remains is cut quickly so a stop never ends in SIGKILL.
+SHUTDOWN_TIMEOUT_S = 3.0
+
+
+@dataclass(kw_only=True)
+class Agent:
+    """Everything one running agent is made of (held in the app under `AGENT`)."""
+
+    config: AgentConfig
+    identity: Identity
+    hardware: Hardware
+    metrics: Metrics
+    neuron: Neuron
+    fleet: Fleet
+    cortex: MeshCortex
+    catalogue: CatalogueView
+    started_at: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    # Hooks run (in order) when the agent starts draining; the mesh adds its graceful leave here.
+    drain_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def health(self) -> Mapping[str, object]:
+        """`/healthz` body from cached state only."""
+        records = self.neuron.records()
+        return {
+            "status": "draining" if self.draining else "ok",
+            "node": self.config.name,
+            "node_id": self.identity.node_id,
+            "generation": self.identity.generation,
+            "models_loaded": sum(1 for r in records if r.status == "loaded"),
+            "models_loading": sum(1 for r in records if r.status == "loading"),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+        }
+
+    async def drain(self) -> None:
+        """Stop admitting work and let what runs finish (bounded). Called once, on SIGTERM/SIGINT."""
+        if self.draining:
+            return
+        self.draining = True
+        self.fleet.set_draining(True)
+        log.info("draining (at most %.0f s)", self.config.drain_timeout_s)
+        for hook in list(self.drain_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("drain hook failed")
+        # Let requests in flight finish, bounded by drain_timeout_s.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                await self.neuron.wait_idle()
+
+
+AGENT: web.AppKey[Agent] = web.AppKey("helexa_agent", Agent)
+
+
+# --- catalogue ------------------------------------------------------------------------------------------
+
+
+def _read_catalogue(config: AgentConfig) -> list[ModelEntry]:
+    """Create the default catalogue if needed and read it (blocking; run off the loop). Never raises."""
+    try:
+        from catalogue import store
+    except ImportError as e:  # pragma: no cover - the catalogue package is part of helexa
+        log.warning("catalogue support unavailable (%s); serving no models", e)
+        return []
+    path = config.catalogue_path
+    try:
+        if config.catalogue_default:
+            store.ensure_catalogue(path)
+        catalogue = store.load_catalogue(path)
+    except Exception as e:
+        log.warning("cannot read the catalogue %s: %s; serving no models until it is fixed", path, e)
+        return []
+    entries = list(catalogue.entries)
+    log.info("catalogue %s: %d model(s)", path, len(entries))
+    return entries
+
+
+def catalogue_dicts(entries: Sequence[ModelEntry]) -> tuple[dict[str, object], ...]:
+    """Entries as plain dicts for this node's record (gossip carries them)."""
+    try:
+        from catalogue.store import entry_to_dict
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(entry_to_dict(e) for e in entries)
+
+
+# --- engines --------------------------------------------------------------------------------------------
+
+
+def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> EngineFactory:
+    """Choose the engine for an entry with `engine.registry`; `engines` overrides instances by name."""
+    cache: dict[str, Engine] = dict(engines or {})
+
+    def engine_for(entry: ModelEntry, devices: tuple[DeviceRecord, ...]) -> Engine:
+        from engine import registry
+
+        has_cuda = any(d.kind == "cuda" for d in devices)
+        name = registry.choose_engine(entry.engine, entry.source, has_cuda)
+        if name not in cache:
+            cache[name] = registry.create_engine(name)
+        return cache[name]
+
+    return engine_for
+
+
+# --- addresses ------------------------------------------------------------------------------------------
+
+
+def advertise_address(config: AgentConfig) -> str:
+    """The address peers should use: configured, else the bound one, else the first non-loopback IPv4."""
+    if config.advertise_address:
+        return config.advertise_address
+    if config.host not in ("0.0.0.0", "::", ""):
+        return config.host
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            for addr in addrs:
+                if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                    return str(addr.address)
+    except Exception:  # pragma: no cover - psutil cannot fail here in practice
+        pass
+    return "127.0.0.1"
+
+
+# --- the application ------------------------------------------------------------------------------------
+
+
+async def build_agent(
+    config: AgentConfig,
+    *,
+    engine_for: EngineFactory | None = None,
+    engines: Mapping[str, Engine] | None = None,
+    hardware: Hardware | None = None,
+    catalogue: Sequence[ModelEntry] | None = None,
+    port: int | None = None,
+    neuron_timing: NeuronTiming | None = None,
+) -> Agent:
+    """Assemble the agent's parts. Blocking reads (identity, first hardware sample, catalogue) run in
+    worker threads. `catalogue` replaces reading the catalogue file (tests)."""
+    identity = await asyncio.to_thread(load_identity, config.state_dir)
+    hw = hardware or Hardware()
+    snapshot: HardwareSnapshot = await hw.sample()
+    entries = list(catalogue) if catalogue is not None else await asyncio.to_thread(_read_catalogue, config)
+    metrics = Metrics(node=config.name)
+    neuron = Neuron(
+        engine_for=engine_for or default_engine_factory(engines),
+        devices=HardwareDevices(hw),
+        node_name=config.name,
+        node_id=identity.node_id,
+        metrics=metrics,
+        timing=neuron_timing,
+        cache_dir=config.hf_cache_dir,
+    )
+    view = CatalogueView(entries)
+    record = NodeRecord(
+        node_id=identity.node_id,
+        name=config.name,
+        generation=identity.generation,
+        version=1,
+        heartbeat=0,
+        address=advertise_address(config),
+        port=config.port if port is None else port,
+        mesh=config.mesh,
+        agent_version=AGENT_VERSION,
+        engines=("transformers",),
+        labels=dict(config.labels),
+        devices=snapshot.devices,
+        catalogue=catalogue_dicts(entries),
+    )
+    fleet = Fleet(
+        initial=record,
+        models=neuron.records,
+        devices=lambda: HardwareDevices(hw).devices(),
+        catalogue=lambda: catalogue_dicts(view.entries),
+    )
+    neuron.on_change.append(fleet.mark_changed)
+    cortex = MeshCortex(fleet=fleet, neuron=neuron, catalogue=view)
+    return Agent(
+        config=config,
+        identity=identity,
+        hardware=hw,
+        metrics=metrics,
+        neuron=neuron,
+        fleet=fleet,
+        cortex=cortex,
+        catalogue=view,
+    )
+
+
+def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
+    mib = 1024 * 1024
+    for d in devices:
+        metrics.set_device(
+            device=d.name,
+            used_bytes=(d.memory_total_mb - d.memory_free_mb) * mib,
+            total_bytes=d.memory_total_mb * mib,
+            utilization_ratio=d.utilization,
+        )
+
+
+def make_app(agent: Agent) -> web.Application:
+    """The aiohttp application over an assembled agent: routes, middleware, state, background tasks."""
+    from .server import add_openai_routes, error_middleware
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    app[AGENT] = agent
+    app[appkeys.CORTEX] = agent.cortex
+    app[appkeys.METRICS] = agent.metrics
+    app[appkeys.NODE_NAME] = agent.config.name
+    app[appkeys.HEALTH] = agent.health
+    app[appkeys.API_KEYS] = agent.config.api_keys
+    add_openai_routes(app)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Background loops for the app's lifetime: hardware sampler, keep-alive reaper, preloads."""
+    agent = app[AGENT]
+    if agent.hardware.last is not None:
+        _record_devices(agent.metrics, agent.hardware.last.devices)
+
+    def on_hardware(snapshot: HardwareSnapshot) -> None:
+        _record_devices(agent.metrics, snapshot.devices)
+        agent.fleet.mark_changed()
+
+    tasks = [
+        asyncio.create_task(agent.hardware.run_sampler(on_hardware), name="hardware sampler"),
+        asyncio.create_task(agent.neuron.run_reaper(), name="keep-alive reaper"),
+        asyncio.create_task(agent.neuron.preload(agent.catalogue.entries), name="preload"),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await agent.neuron.close()
+        await asyncio.to_thread(agent.hardware.shutdown)
+
+
+async def build_app(
+    config: AgentConfig,
+    *,
+    engine_for: EngineFactory | None = None,
+    engines: Mapping[str, Engine] | None = None,
+    hardware: Hardware | None = None,
+    catalogue: Sequence[ModelEntry] | None = None,
+    neuron_timing: NeuronTiming | None = None,
+) -> web.Application:
+    """Assemble an agent and its application (for tests: pass the fake engine as `engine_for`)."""
+    agent = await build_agent(
+        config,
+        engine_for=engine_for,
+        engines=engines,
+        hardware=hardware,
+        catalogue=catalogue,
+        neuron_timing=neuron_timing,
+    )
+    return make_app(agent)
+
+
+# --- process entry point --------------------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind and listen now (before anything slow): clients that connect early wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = None) -> int:
+    """Run the agent until SIGINT/SIGTERM. Returns the process exit status."""
+    started = time.monotonic()
+    try:
+        sock = bind(config.host, config.port)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        return 1
+    port = int(sock.getsockname()[1])
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    agent = await build_agent(config, port=port)
+    app = make_app(agent)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    url_host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    log.info(
+        "helexa agent %s (node %s, id %s) listening on http://%s:%d, ready in %.2f s",
+        config.name,
+        config.name,
+        agent.identity.node_id[:8],
+        url_host,
+        port,
+        time.monotonic() - started,
+    )
+    if ready is not None:
+        ready(port)
+    try:
+        await stop.wait()
+        log.info("stopping")
+        try:
+            async with asyncio.timeout(config.drain_timeout_s + 1.0):
+                await agent.drain()
+        except TimeoutError:
+            log.warning("drain took longer than %.0f s; stopping anyway", config.drain_timeout_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+class _Formatter(logging.Formatter):
+    """Plain lines; colours only when writing to a terminal."""
+
+    COLOURS = {"DEBUG": "\033[2m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[1;31m"}
+
+    def __init__(self, *, colour: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.colour and record.levelname in self.COLOURS:
+            return f"{self.COLOURS[record.levelname]}{text}\033[0m"
+        return text
+
+
+def configure_logging(level: str, *, stream: Any = None) -> None:
+    """The agent's logging: one handler on the root logger, level from the config."""
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+    handler.setFormatter(_Formatter(colour=colour))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's access log is off (access_log=None); keep its other chatter at warning unless debugging.
+    if level != "debug":
+        logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`helexa agent [...]`: returns the exit status (2 for a bad configuration)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args, os.environ)
+    except ConfigError as e:
+        print(f"helexa agent: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    configure_logging(config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+__all__ = ["AGENT", "Agent", "build_agent", "build_app", "main", "make_app", "serve"]

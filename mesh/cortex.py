@@ -1,0 +1,226 @@
+"""The cortex role: `mesh.routing.Cortex` over the fleet view, the catalogue and the local neuron.
+
+`route()` reads cached state only (the fleet's records, the catalogue in memory) and follows the
+routing steps of the mission, in order, so peers slot in without a new structure:
+
+1. loaded on one or more routable nodes → the least busy (in-flight + queued), this node first on ties;
+2. loading somewhere → that node (it deduplicates the load; never start a second copy);
+3. in the catalogue → `catalogue.placement.place` over the routable nodes: the first candidate;
+4. unknown → `ModelNotFound` (404); known but feasible nowhere → `ModelUnavailable` (503, the reason).
+
+A decision for this node is a `LocalDecision` whose `acquire()` is the neuron's reservation (cold-load
+single-flight, in-flight counted until exit). A decision for a peer is a `RemoteDecision`; the mesh's
+forwarder serves it. A request a peer forwarded is always served here (`forwarded=True`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from catalogue import placement
+from catalogue.entry import ModelEntry
+from engine.base import LoadedModel, ModelId
+
+from . import errors
+from .fleet import Fleet
+from .neuron import Neuron
+from .records import ModelRecord, NodeId, NodeRecord
+from .routing import Decision, Location, ModelListing, RemoteDecision
+
+log = logging.getLogger(__name__)
+
+# Order of "best" status over a model's locations, for `/v1/models`.
+_STATUS_RANK = {"loaded": 3, "loading": 2, "failed": 1, "unloaded": 0}
+
+
+class CatalogueView:
+    """What the cortex needs from the catalogue: resolve a name, list the entries."""
+
+    def __init__(self, entries: Sequence[ModelEntry] = ()) -> None:
+        self._entries: tuple[ModelEntry, ...] = ()
+        self._names: dict[str, ModelEntry] = {}
+        self.replace(entries)
+
+    def replace(self, entries: Sequence[ModelEntry]) -> None:
+        self._entries = tuple(entries)
+        names: dict[str, ModelEntry] = {}
+        # Ids first, so an alias never shadows another entry's id.
+        for entry in self._entries:
+            names.setdefault(entry.id, entry)
+        for entry in self._entries:
+            for alias in entry.aliases:
+                names.setdefault(alias, entry)
+        self._names = names
+
+    @property
+    def entries(self) -> tuple[ModelEntry, ...]:
+        return self._entries
+
+    def resolve(self, name: str) -> ModelEntry | None:
+        return self._names.get(name)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Local:
+    """Serve here: `acquire()` loads if needed and holds an in-flight reservation."""
+
+    entry: ModelEntry
+    neuron: Neuron
+
+    def acquire(self) -> AbstractAsyncContextManager[LoadedModel]:
+        return self.neuron.acquire(self.entry)
+
+
+class MeshCortex:
+    """Routing over the fleet view. Every method is synchronous and reads cached state only."""
+
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        neuron: Neuron,
+        catalogue: CatalogueView,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.fleet = fleet
+        self.neuron = neuron
+        self.catalogue = catalogue
+        self._clock = clock
+        self._first_seen: dict[str, int] = {}
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    def resolve(self, model_name: str) -> ModelEntry:
+        entry = self.catalogue.resolve(model_name)
+        if entry is None:
+            raise errors.ModelNotFound(model_name)
+        return entry
+
+    def route(self, model_name: str, *, forwarded: bool = False) -> Decision:
+        entry = self.resolve(model_name)
+        me = self.fleet.self_record
+        if forwarded:
+            return _Local(entry=entry, neuron=self.neuron)
+        nodes = self.fleet.routable_nodes()
+
+        # 1. Loaded somewhere: the least busy, this node first on ties, then by node id.
+        loaded = [(n, m) for n in nodes if (m := n.model(entry.id)) is not None and m.status == "loaded"]
+        if loaded:
+            node, _ = min(loaded, key=lambda nm: (_busy(nm[1]), nm[0].node_id != me.node_id, nm[0].node_id))
+            return self._decide(entry, node, cold=False)
+
+        # 2. Loading somewhere: join that load (this node first).
+        loading = [n for n in nodes if (m := n.model(entry.id)) is not None and m.status == "loading"]
+        if loading:
+            node = min(loading, key=lambda n: (n.node_id != me.node_id, n.node_id))
+            return self._decide(entry, node, cold=True)
+
+        # 3. In the catalogue: place it.
+        candidates = self._place(entry, nodes)
+        if not candidates:
+            raise errors.ModelUnavailable(
+                self._infeasible_reason(entry, nodes), reason="infeasible", retry_after_s=None
+            )
+        return self._decide(entry, candidates[0], cold=True, candidates=tuple(candidates[1:]))
+
+    def _decide(
+        self, entry: ModelEntry, node: NodeRecord, *, cold: bool, candidates: tuple[NodeRecord, ...] = ()
+    ) -> Decision:
+        if node.node_id == self.fleet.node_id:
+            return _Local(entry=entry, neuron=self.neuron)
+        return RemoteDecision(entry=entry, node=node, cold=cold, candidates=candidates)
+
+    def _place(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
+        by_id = {n.node_id: n for n in nodes}
+        return [by_id[NodeId(i)] for i in placement.place(entry, nodes, routable=by_id.keys()) if i in by_id]
+
+    def _feasible_on(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> tuple[str, ...]:
+        return placement.feasible_on(entry, nodes)
+
+    def _infeasible_reason(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> str:
+        if not nodes:
+            return f"The model '{entry.id}' cannot be served now: no node is available (this one is draining)"
+        if entry.pinned_on:
+            names = {n.name for n in nodes} | {n.node_id for n in nodes}
+            if not names & set(entry.pinned_on):
+                return (
+                    f"The model '{entry.id}' is pinned on {', '.join(entry.pinned_on)}, and none of them"
+                    " is available"
+                )
+        reasons = [r for n in nodes if (r := placement.infeasible_reason(entry, n)) is not None]
+        detail = f": {'; '.join(reasons)}" if reasons else ""
+        return f"The model '{entry.id}' cannot run on any node of the mesh{detail}"
+
+    # --- listing -----------------------------------------------------------------------------------
+
+    def _created(self, model_id: str) -> int:
+        if model_id not in self._first_seen:
+            self._first_seen[model_id] = int(self._clock())
+        return self._first_seen[model_id]
+
+    def _listing(
+        self, entry: ModelEntry | None, model_id: ModelId, nodes: Sequence[NodeRecord]
+    ) -> ModelListing:
+        locations: list[Location] = []
+        for node in nodes:
+            record = node.model(model_id)
+            if record is not None:
+                locations.append(
+                    Location(
+                        node=node.node_id,
+                        node_name=node.name,
+                        status=record.status,
+                        memory_mb=record.memory_mb,
+                        in_flight=record.in_flight,
+                    )
+                )
+        status = "unloaded"
+        for loc in locations:
+            s = "unloaded" if loc.status == "unloading" else loc.status
+            if _STATUS_RANK[s] > _STATUS_RANK[status]:
+                status = s
+        feasible = self._feasible_on(entry, nodes) if entry is not None else ()
+        owner = model_id.split("/", 1)[0] if "/" in model_id else "helexa"
+        return ModelListing(
+            id=model_id,
+            created=self._created(model_id),
+            owned_by=owner,
+            status=status,
+            feasible_on=feasible,
+            locations=tuple(locations),
+            aliases=entry.aliases if entry is not None else (),
+            entry=entry,
+        )
+
+    def list_models(self) -> Sequence[ModelListing]:
+        """Every catalogue model feasible on some routable node, plus every model present anywhere."""
+        nodes = self.fleet.routable_nodes()
+        out: list[ModelListing] = []
+        seen: set[str] = set()
+        for entry in self.catalogue.entries:
+            listing = self._listing(entry, entry.id, nodes)
+            if listing.feasible_on or listing.locations:
+                out.append(listing)
+                seen.add(entry.id)
+        for node in nodes:
+            for record in node.models:
+                if record.id not in seen:
+                    seen.add(record.id)
+                    out.append(self._listing(self.catalogue.resolve(record.id), record.id, nodes))
+        return out
+
+    def get_model(self, model_name: str) -> ModelListing | None:
+        entry = self.catalogue.resolve(model_name)
+        model_id = entry.id if entry is not None else ModelId(model_name)
+        for listing in self.list_models():
+            if listing.id == model_id:
+                return listing
+        return None
+
+
+def _busy(record: ModelRecord) -> int:
+    return record.in_flight + record.queued
