@@ -490,7 +490,11 @@ class Gossip:
                 log.warning(
                     "peers hold a newer record of this node (generation %d); refuting", rec.generation
                 )
-                self.update_own(generation=max(rec.generation + 1, int(time.time() * 1000)), version=0)
+                new = dataclasses.replace(
+                    own, generation=max(rec.generation + 1, int(time.time() * 1000)), version=0
+                )
+                self._view[nid] = new
+                self._notify(own, new)
             return
         tomb = self._tombstones.get(nid)
         if tomb is not None:
