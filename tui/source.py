@@ -354,7 +354,7 @@ class FakeFleetSource:
             replace(n.view, models=tuple(n.models[k] for k in sorted(n.models))) for n in self._nodes
         )
         catalogue: list[CatalogueView] = []
-        for spec in _FAKE_CATALOGUE:
+        for spec in sorted(_FAKE_CATALOGUE, key=lambda s: s.id):
             locations = tuple(
                 LocationView(node=n.view.id, status=n.models[spec.id].status, memory_mb=spec.memory_mb)
                 for n in self._nodes
@@ -424,13 +424,15 @@ class FakeFleetSource:
             for d in node.view.devices:
                 share = used_by_models / max(1, len(node.view.devices))
                 util = max(0.0, min(1.0, busy + rng.uniform(-0.05, 0.05)))
-                temp = (d.temperature_c or 40.0) + rng.choice((-1.0, 0.0, 1.0))
+                temp = None
+                if d.temperature_c is not None:
+                    temp = max(30.0, min(90.0, d.temperature_c + rng.choice((-1.0, 0.0, 1.0))))
                 free = int(max(0, d.memory_total_mb - 600 - share - rng.randint(0, 64)))
                 devices.append(
                     replace(
                         d,
                         utilization=round(util, 2),
-                        temperature_c=max(30.0, min(90.0, temp)),
+                        temperature_c=temp,
                         memory_free_mb=free,
                     )
                 )
