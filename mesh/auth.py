@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
+from aiohttp.typedefs import Middleware
 
 from .timing import AUTH_MAX_SKEW_S, NONCE_CACHE_SIZE
 
@@ -179,7 +180,7 @@ class _LogOnce:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def peer_auth_middleware(auth: MeshAuth | None, *, prefix: str = PEER_PATH_PREFIX) -> Callable[..., object]:
+def peer_auth_middleware(auth: MeshAuth | None, *, prefix: str = PEER_PATH_PREFIX) -> Middleware:
     """aiohttp server middleware: verify every request under `prefix` (no-op without a key).
 
     Refusals get 401 with the OpenAI error envelope. Buffered replies (`web.Response` with a bytes body)

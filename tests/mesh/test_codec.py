@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import orjson
 import pytest
@@ -37,7 +38,7 @@ def test_one_corrupted_field_raises_only_codec_error(rec, data):
 
 @given(node_records(), st.data())
 def test_corrupted_nested_field_raises_only_codec_error(rec, data):
-    d = node_to_dict(rec)
+    d: dict[str, Any] = node_to_dict(rec)
     d["devices"] = [{"name": "cpu", "kind": "cpu", "memory_total_mb": 1, "memory_free_mb": 1}]
     d["models"] = [{"id": "m", "status": "loaded"}]
     node_from_dict(d)  # the minimal nested forms are valid
@@ -109,9 +110,9 @@ def test_oversize_and_deep_json_refused():
 @settings(max_examples=25)
 @given(st.lists(node_records(), max_size=3, unique_by=lambda r: r.node_id))
 def test_state_document_shape(records):
-    nodes = [(r, "alive") for r in records]
+    nodes: list[tuple[Any, Any]] = [(r, "alive") for r in records]
     cat = [{"id": "helexa/demo", "version": 2, "memory_mb": 60}]
-    doc = state_to_json(
+    doc: dict[str, Any] = state_to_json(
         mesh="default",
         open_mesh=True,
         self_id=NodeId("n1"),

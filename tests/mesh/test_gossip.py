@@ -265,9 +265,10 @@ async def _http_agent(i: int, session: aiohttp.ClientSession, *, key: str | None
 
 async def _run_http_fleet(keys: list[str | None], rounds: int):
     async with aiohttp.ClientSession() as session:
-        servers, gs = [], []
+        servers: list[TestServer] = []
+        gs: list[Gossip] = []
         for i, key in enumerate(keys):
-            seeds = [PeerAddr("127.0.0.1", servers[0].port)] if servers else []
+            seeds = [PeerAddr("127.0.0.1", servers[0].port or 0)] if servers else []
             s, g = await _http_agent(i, session, key=key, seeds=seeds)
             servers.append(s)
             gs.append(g)

@@ -133,7 +133,8 @@ def test_left_and_new_generation_replaces_at_once():
     assert det.liveness(NodeId("p")) == "alive"
     assert events[-1].restarted and events[-1].generation == 2
     det.observe(_rec(hb=99, gen=1))  # stale news from the old run is ignored
-    assert det.status(NodeId("p")).generation == 2  # type: ignore[union-attr]
+    status = det.status(NodeId("p"))
+    assert status is not None and status.generation == 2
 
 
 def test_restart_of_dead_peer_is_alive_at_once():

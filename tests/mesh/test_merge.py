@@ -81,7 +81,7 @@ def test_diff_sends_heartbeat_only_when_only_heartbeat_behind():
 def test_mesh_catalogue_picks_newest_version_deterministically(records):
     cat = mesh_catalogue(records)
     assert cat == mesh_catalogue(list(reversed(records)))
-    ids = [e["id"] for e in cat]
+    ids = [str(e["id"]) for e in cat]
     assert ids == sorted(set(ids))
     for e in cat:
         versions = [x["version"] for r in records for x in r.catalogue if x["id"] == e["id"]]
