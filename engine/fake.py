@@ -1,0 +1,288 @@
+"""A scripted in-memory engine for tests of everything above the engine (manager, routing, HTTP).
+
+The script comes from the constructor (`FakeEngine(FakeScript(...))`) and may be overridden per model
+by `LoadSpec.options` with the same field names, e.g.
+`LoadSpec(..., options={"tokens": ["a", "b"], "token_delay_s": 0.01, "fail_after_tokens": 3})`.
+
+It behaves like the real engines where the layers above can observe it: `max_tokens` gives finish
+`length`, the end of the script gives `stop` (like an eos), stop strings are trimmed (never partially
+emitted), prompts longer than the context raise `ContextLengthExceeded` before any delta, closing the
+stream or `abort()` stops it, a scripted fault raises `EngineFault` and poisons the model, and
+`unload()` is idempotent. Everything is `asyncio.sleep`-based: it never blocks the event loop. The
+engine counts loads and unloads so tests can assert "exactly one load".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+from .base import (
+    Delta,
+    EngineName,
+    Final,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    LoadProgress,
+    LoadSpec,
+    MemoryReport,
+    ModelId,
+    ProgressCallback,
+    RequestId,
+    Usage,
+)
+from .errors import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineFault,
+    InsufficientMemory,
+    LoadError,
+    ModelSourceError,
+    RequestError,
+    TransientLoadError,
+)
+from .textstream import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+FailKind = Literal["source", "transient", "memory", "load"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FakeScript:
+    """What a fake model does. Every field may also be given in `LoadSpec.options`."""
+
+    # The deltas a generation emits, in order; the end of the list finishes with `stop` (an "eos").
+    tokens: tuple[str, ...] = ("Hello", ",", " world", "!")
+    # Emit the last message's (or the prompt's) words instead of `tokens`.
+    echo: bool = False
+    token_delay_s: float = 0.0
+    load_delay_s: float = 0.0
+    # Fail every load with this message (or only the first `fail_load_times` loads, when set).
+    fail_load: str | None = None
+    fail_load_kind: FailKind = "source"
+    fail_load_times: int | None = None
+    # Raise EngineFault after emitting this many deltas (the model is then failed).
+    fail_after_tokens: int | None = None
+    memory_mb: int = 100
+    device_memory_mb: Mapping[str, int] | None = None
+    context_length: int = 4096
+
+    @classmethod
+    def from_options(cls, base: FakeScript, options: Mapping[str, object]) -> FakeScript:
+        """`base` with the fields named in `options` replaced; an unknown name is a `ModelSourceError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ModelSourceError(f"unknown fake engine option(s): {', '.join(unknown)}")
+        values = dict(options)
+        if "tokens" in values:
+            tokens = values["tokens"]
+            if not isinstance(tokens, list | tuple) or not all(isinstance(t, str) for t in tokens):
+                raise ModelSourceError("fake engine option tokens must be a list of strings")
+            values["tokens"] = tuple(tokens)
+        return replace(base, **values)  # type: ignore[arg-type]
+
+
+def count_tokens(text: str) -> int:
+    """The fake's tokenizer: one token per whitespace-separated word (at least one)."""
+    return max(1, len(text.split()))
+
+
+class FakeModel:
+    """A loaded fake model. Implements `LoadedModel`; exposes counters for tests."""
+
+    def __init__(self, *, engine: FakeEngine, spec: LoadSpec, script: FakeScript) -> None:
+        self._engine = engine
+        self._model_id = spec.model_id
+        self._script = script
+        device_mb = dict(script.device_memory_mb or {spec.devices[0]: script.memory_mb})
+        self._memory = MemoryReport(per_device_mb=device_mb)
+        self._context_length = spec.context_length or script.context_length
+        self._aborted: set[RequestId] = set()
+        self._lock = asyncio.Lock()  # one sequence at a time, like the transformers engine
+        self.fault: str | None = None
+        self.unloaded = False
+        self.requests_started = 0
+        self.requests_finished = 0
+        self.requests_cancelled = 0
+        self.in_flight = 0
+
+    @property
+    def model_id(self) -> ModelId:
+        return self._model_id
+
+    @property
+    def memory(self) -> MemoryReport:
+        return self._memory
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def script(self) -> FakeScript:
+        return self._script
+
+    def _check(self, request: GenerationRequest) -> tuple[int, tuple[str, ...], str]:
+        if self.fault is not None:
+            raise EngineFault(f"model {self._model_id} is failed: {self.fault}")
+        if self.unloaded:
+            raise EngineError(f"model {self._model_id} is unloaded")
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestError("exactly one of prompt and messages is required", param="messages")
+        param = "prompt" if request.prompt is not None else "messages"
+        if request.messages is not None:
+            if not request.messages:
+                raise RequestError("messages must not be empty", param="messages")
+            text = "\n".join(m.content for m in request.messages)
+            last = request.messages[-1].content
+        else:
+            text = last = request.prompt or ""
+        s = request.sampling
+        if s.temperature < 0:
+            raise RequestError("temperature must be >= 0", param="temperature")
+        if not 0 < s.top_p <= 1:
+            raise RequestError("top_p must be in (0, 1]", param="top_p")
+        if s.max_tokens is not None and s.max_tokens < 1:
+            raise RequestError("max_tokens must be >= 1", param="max_tokens")
+        n_prompt = count_tokens(text)
+        if n_prompt >= self._context_length:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self._context_length} tokens; "
+                f"the prompt has {n_prompt}",
+                param=param,
+            )
+        if s.max_tokens is not None and n_prompt + s.max_tokens > self._context_length:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self._context_length} tokens; you requested "
+                f"{n_prompt + s.max_tokens}",
+                param="max_tokens",
+            )
+        script_tokens = (
+            tuple(w if i == 0 else " " + w for i, w in enumerate(last.split()))
+            if self._script.echo
+            else self._script.tokens
+        )
+        return n_prompt, script_tokens, param
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        n_prompt, script_tokens, _ = self._check(request)
+        self._engine.requests_total += 1
+        s = request.sampling
+        room = self._context_length - n_prompt
+        max_new = room if s.max_tokens is None else min(s.max_tokens, room)
+        stops = StopStringMatcher(s.stop)
+        finished = False
+        self.in_flight += 1
+        try:
+            async with self._lock:
+                self.requests_started += 1
+                completion = 0
+                finish: FinishReason = "stop"
+                for token in script_tokens:
+                    if completion >= max_new:
+                        finish = "length"
+                        break
+                    if request.request_id in self._aborted:
+                        break
+                    if self._script.token_delay_s > 0:
+                        await asyncio.sleep(self._script.token_delay_s)
+                    else:
+                        await asyncio.sleep(0)
+                    fail_after = self._script.fail_after_tokens
+                    if fail_after is not None and completion >= fail_after:
+                        self.fault = f"scripted fault after {fail_after} tokens"
+                        raise EngineFault(f"model {self._model_id} failed: {self.fault}")
+                    if self.unloaded:
+                        raise EngineError(f"model {self._model_id} was unloaded during generation")
+                    completion += 1
+                    out, stopped = stops.feed(token)
+                    if out:
+                        yield Delta(text=out)
+                    if stopped:
+                        break
+                rest = stops.flush()
+                if rest:
+                    yield Delta(text=rest)
+                finished = True
+                self.requests_finished += 1
+                yield Final(
+                    usage=Usage(prompt_tokens=n_prompt, completion_tokens=completion),
+                    finish_reason=finish,
+                )
+        finally:
+            self.in_flight -= 1
+            self._aborted.discard(request.request_id)
+            if not finished:
+                self.requests_cancelled += 1
+
+    async def abort(self, request_id: RequestId) -> None:
+        self._aborted.add(request_id)
+
+    async def unload(self) -> None:
+        if self.unloaded:
+            return
+        self.unloaded = True
+        self._engine.unloads[self._model_id] += 1
+        self._engine.loaded.pop(self._model_id, None)
+
+
+class FakeEngine:
+    """Scripted engine; see the module docstring. Implements `Engine`.
+
+    Counters: `loads[model_id]` (successful loads), `load_attempts[model_id]` (including failures),
+    `unloads[model_id]`, `requests_total`; `loaded` maps model ids to the live `FakeModel`s.
+    """
+
+    def __init__(self, script: FakeScript | None = None) -> None:
+        self.script = script or FakeScript()
+        self.loads: Counter[ModelId] = Counter()
+        self.load_attempts: Counter[ModelId] = Counter()
+        self.unloads: Counter[ModelId] = Counter()
+        self.requests_total = 0
+        self.loaded: dict[ModelId, FakeModel] = {}
+
+    @property
+    def name(self) -> EngineName:
+        return "fake"
+
+    @property
+    def total_loads(self) -> int:
+        return sum(self.loads.values())
+
+    async def load(self, spec: LoadSpec, progress: ProgressCallback | None = None) -> FakeModel:
+        script = FakeScript.from_options(self.script, spec.options)
+        self.load_attempts[spec.model_id] += 1
+        attempt = self.load_attempts[spec.model_id]
+
+        def report(p: LoadProgress) -> None:
+            if progress is not None:
+                progress(p)
+
+        report(LoadProgress(phase="resolving"))
+        steps = 4
+        for i in range(steps):
+            report(LoadProgress(phase="loading", fraction=i / steps))
+            await asyncio.sleep(script.load_delay_s / steps)
+        if script.fail_load is not None and (
+            script.fail_load_times is None or attempt <= script.fail_load_times
+        ):
+            error: type[LoadError] = {
+                "source": ModelSourceError,
+                "transient": TransientLoadError,
+                "memory": InsufficientMemory,
+                "load": LoadError,
+            }[script.fail_load_kind]
+            raise error(script.fail_load)
+        report(LoadProgress(phase="warming", fraction=1.0))
+        model = FakeModel(engine=self, spec=spec, script=script)
+        self.loads[spec.model_id] += 1
+        self.loaded[spec.model_id] = model
+        log.debug("fake engine loaded %s (load #%d)", spec.model_id, self.loads[spec.model_id])
+        return model

@@ -1,0 +1,175 @@
+"""Tiny random-weight models for tests and benchmarks, built in seconds with no network.
+
+`build_tiny_model` writes a complete transformers model directory: random weights (safetensors), a
+config, and a byte-level BPE tokenizer trained here on a little fixed text with `tokenizers` (saved in
+the transformers format with special tokens, an eos token and a ChatML chat template). The weights are
+random, so the output is gibberish, but every code path of a real model is exercised: the chat
+template, multi-byte characters split across byte-level tokens, eos, the KV cache.
+
+`build_qwen25_05b_shaped` writes a model with Qwen2.5-0.5B-Instruct's compute shape (hidden 896, 24
+layers, 14 query / 2 key-value heads, intermediate 4864, an embedding and tied LM head of 151,936 rows)
+for engine benchmarks. Our trained tokenizer is far smaller than Qwen's, so only its first
+`len(tokenizer)` rows are reachable: the engine masks logits past the tokenizer's vocabulary (real Qwen
+pads its embedding the same way), so per-token compute matches the real model while every sampled id
+decodes.
+
+Heavy libraries (torch, transformers) are imported inside the builders, never at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Arch = Literal["llama", "qwen2"]
+
+EOS_TOKEN = "<|im_end|>"
+BOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (BOS_TOKEN, "<|im_start|>", EOS_TOKEN)
+
+# ChatML, as Qwen2.5 uses it: a system turn, then user/assistant turns, then the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# A little fixed English (with some multi-byte characters) to train the tokenizer on; the tokenizer
+# only needs to be deterministic and to cover every byte, which the byte-level alphabet guarantees.
+_TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A model that is loaded once serves many requests.
+Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex.
+Complex is better than complicated. Flat is better than nested. Sparse is better than dense.
+Readability counts. Special cases aren't special enough to break the rules.
+Although practicality beats purity. Errors should never pass silently. Unless explicitly silenced.
+In the face of ambiguity, refuse the temptation to guess.
+There should be one-- and preferably only one --obvious way to do it.
+Now is better than never. Although never is often better than *right* now.
+If the implementation is hard to explain, it's a bad idea. If it is easy to explain, it may be good.
+Namespaces are one honking great idea -- let's do more of those!
+Hello, world. Héllo, wörld. Ça va? Grüße aus Köln. 日本語のテキスト。 Emoji: 🎉 🚀 ✨.
+The mesh serves open-weight models on the machines you already own, as if they were one server.
+"""
+
+
+def train_tokenizer(vocab_size: int = 512) -> object:
+    """Train a byte-level BPE `tokenizers.Tokenizer` on the fixed text; deterministic for a vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer=trainer)
+    return tokenizer
+
+
+def save_tokenizer(directory: Path, *, vocab_size: int = 512, context_length: int = 512) -> int:
+    """Write tokenizer.json + tokenizer_config.json (special tokens, eos, chat template) into
+    `directory`; returns the tokenizer's full vocabulary size (special tokens included)."""
+    import transformers
+
+    tf: Any = transformers  # partially annotated; untyped at this boundary
+    raw = train_tokenizer(vocab_size)
+    hf_tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=BOS_TOKEN,
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=context_length,
+    )
+    hf_tokenizer.chat_template = CHAT_TEMPLATE
+    hf_tokenizer.save_pretrained(str(directory))
+    return len(hf_tokenizer)
+
+
+def build_tiny_model(
+    directory: Path | str,
+    *,
+    arch: Arch = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab_size: int = 512,
+    padded_vocab_size: int | None = None,
+    context_length: int = 512,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    initializer_range: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight causal LM plus a trained tokenizer into `directory` (created if needed).
+
+    `vocab_size` is the tokenizer's BPE target; the model's embedding has `padded_vocab_size` rows
+    (default: exactly the tokenizer's vocabulary). `initializer_range` is the std of the random
+    weights: the default 0.3 gives a tiny model peaky, varied output (at the usual 0.02, its greedy
+    decoding repeats one token, which makes tests of the decode loop weak). Deterministic for given
+    arguments. Returns the directory.
+    """
+    import torch
+    import transformers
+
+    tf: Any = transformers  # partially annotated; untyped at this boundary
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer_vocab = save_tokenizer(path, vocab_size=vocab_size, context_length=context_length)
+    model_vocab = max(padded_vocab_size or tokenizer_vocab, tokenizer_vocab)
+    # The saved tokenizer gives the special tokens the first ids, in SPECIAL_TOKENS order.
+    bos_id, eos_id = 0, 2
+    common: dict[str, object] = {
+        "vocab_size": model_vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or hidden * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": context_length,
+        "tie_word_embeddings": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": bos_id,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": initializer_range,
+    }
+    config = tf.LlamaConfig(**common) if arch == "llama" else tf.Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.bos_token_id = bos_id
+    model.generation_config.pad_token_id = bos_id
+    model.save_pretrained(str(path))
+    log.debug("built %s model (%d params) in %s", arch, sum(p.numel() for p in model.parameters()), path)
+    return path
+
+
+def build_qwen25_05b_shaped(directory: Path | str, *, seed: int = 0) -> Path:
+    """A random-weight model with Qwen2.5-0.5B's compute shape (about 494 M parameters, stored in
+    bfloat16 like the real checkpoint: about 1 GB on disk). See the module docstring for the vocab."""
+    return build_tiny_model(
+        directory,
+        arch="qwen2",
+        hidden=896,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        intermediate=4864,
+        vocab_size=2048,
+        padded_vocab_size=151936,
+        context_length=32768,
+        dtype="bfloat16",
+        initializer_range=0.02,
+        seed=seed,
+    )

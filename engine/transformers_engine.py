@@ -1,0 +1,726 @@
+"""The portable engine: PyTorch + transformers on CPU or one CUDA device.
+
+Design (see MISSION "Engines"):
+
+- `TransformersEngine.load` resolves the weights (a local directory, or a Hugging Face repo id
+  downloaded into the HF cache), loads model and tokenizer in a worker thread, runs a short warm-up and
+  measures the memory the model actually uses (CPU: growth of the process RSS; CUDA: growth of the
+  memory the caching allocator reserves on the device), floored at the size of the weights.
+- Each loaded model owns **one inference thread** that takes requests from a queue, one at a time, so
+  exactly one sequence owns the KV cache at any moment. The decode loop is hand-written: prefill, then
+  one token per forward pass with a `DynamicCache` the engine creates per request, under
+  `torch.inference_mode`. Sampling uses a per-request `torch.Generator` (a seed gives repeatable
+  output), with temperature (0 = greedy), top-k and top-p.
+- Text is decoded incrementally with `tokenizers.decoders.DecodeStream` (never a broken multi-byte
+  character) and passed through a `StopStringMatcher` (stop strings are trimmed and never partially
+  emitted). Deltas reach the event loop through an `asyncio.Queue` fed by `loop.call_soon_threadsafe`.
+- Closing the async generator (client gone, task cancelled) or `abort()` sets a flag the decode loop
+  checks every token, so the model is free for the next request at once.
+- Errors: a bad request raises a `RequestError` before any delta; a device fault (CUDA/accelerator
+  error) raises `EngineFault` and poisons only this model (every later request fails fast with
+  `EngineFault` until the manager unloads and reloads it); any other failure in one generation raises a
+  plain `EngineError` and the model keeps serving.
+
+torch and transformers are imported only inside `load` (and the threads it starts), never at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .base import (
+    Delta,
+    EngineName,
+    Final,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    LoadProgress,
+    LoadSpec,
+    MemoryReport,
+    ModelId,
+    ProgressCallback,
+    RequestId,
+    SamplingParams,
+    Usage,
+)
+from .errors import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineFault,
+    InsufficientMemory,
+    LoadError,
+    ModelSourceError,
+    RequestError,
+    TransientLoadError,
+)
+from .textstream import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+# Files a causal LM needs from a hub snapshot (weights, configs, tokenizer, chat template).
+HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
+# Substrings of torch error messages that mean the device itself is in a bad state.
+_DEVICE_FAULT_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "unspecified launch failure",
+)
+# Fallback context length when neither the spec nor the config says.
+_DEFAULT_CONTEXT_LENGTH = 2048
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+# Loads measure memory as process/device growth; one at a time keeps the measurements apart.
+_MEASURE_LOCK = threading.Lock()
+
+CancelReason = Literal["client", "abort", "unload"]
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """True when `exc` means the accelerator is in a bad state (the model must be reloaded), as
+    opposed to a problem with one request (shape, NaN, out of memory for this sequence)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_FAULT_MARKERS)
+
+
+@dataclass(eq=False, kw_only=True)
+class _Job:
+    """One request travelling from the event loop to the model's inference thread and back."""
+
+    request_id: RequestId
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[GenerationEvent | BaseException]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: CancelReason | None = None
+
+    def request_cancel(self, reason: CancelReason) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.cancel.set()
+
+    def send(self, item: GenerationEvent | BaseException) -> None:
+        """Hand an event to the consumer (thread-safe). A closed loop means nobody listens any more."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:
+            self.request_cancel("client")
+
+
+class _Detokenizer:
+    """Incremental detokenisation with `DecodeStream`, plus a final flush so that the concatenated
+    output always equals decoding all generated ids at once."""
+
+    def __init__(self, raw_tokenizer: Any) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._raw = raw_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted: list[str] = []
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        chunk = self._stream.step(self._raw, token_id)
+        if chunk:
+            self._emitted.append(chunk)
+            return str(chunk)
+        return ""
+
+    def flush(self) -> str:
+        """Text still held by the stream at the end (e.g. an incomplete byte sequence)."""
+        full = str(self._raw.decode(self._ids, skip_special_tokens=True))
+        emitted = "".join(self._emitted)
+        return full[len(emitted) :] if full.startswith(emitted) else ""
+
+
+class _Runtime:
+    """Everything heavy a loaded model holds; dropped as a whole on unload."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        eos_ids: frozenset[int],
+        vocab_limit: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.raw_tokenizer = tokenizer.backend_tokenizer
+        self.device = device
+        self.eos_ids = eos_ids
+        self.vocab_limit = vocab_limit
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed `past_key_values` to `cache`; accept both (5.17 to 5.24).
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.has_logits_to_keep = "logits_to_keep" in params
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, input_ids: Any, cache: Any) -> Any:
+        """Run the model on `input_ids` (shape [1, n]) extending `cache`; return the last logits [V]."""
+        kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
+        if self.has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, **kwargs)
+        return out.logits[0, -1, : self.vocab_limit]
+
+    def sample(self, logits: Any, sampling: SamplingParams, generator: Any) -> int:
+        import torch
+
+        if sampling.temperature == 0:
+            return int(torch.argmax(logits).item())
+        scores = logits.float() / sampling.temperature
+        if 0 < sampling.top_k < scores.numel():
+            kth = torch.topk(scores, sampling.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if sampling.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            # Drop a token when the tokens before it already reach top_p (the first always stays).
+            drop = (torch.cumsum(probs, dim=-1) - probs) > sampling.top_p
+            sorted_scores = sorted_scores.masked_fill(drop, -math.inf)
+            scores = torch.full_like(scores, -math.inf).scatter(0, order, sorted_scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+    def generator(self, seed: int | None) -> Any:
+        import torch
+
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        return gen
+
+
+class TransformersModel:
+    """A model loaded by `TransformersEngine`; see the module docstring. Implements `LoadedModel`."""
+
+    def __init__(
+        self,
+        *,
+        model_id: ModelId,
+        runtime: _Runtime,
+        context_length: int,
+        memory: MemoryReport,
+    ) -> None:
+        self._model_id = model_id
+        self._runtime: _Runtime | None = runtime
+        self._context_length = context_length
+        self._memory = memory
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._active: dict[RequestId, set[_Job]] = {}
+        self._fault: str | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name=f"helexa-engine:{model_id}", daemon=True)
+        self._thread.start()
+
+    # -- LoadedModel -----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> ModelId:
+        return self._model_id
+
+    @property
+    def memory(self) -> MemoryReport:
+        return self._memory
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def fault(self) -> str | None:
+        """Why this model is poisoned (a device fault), or None while healthy."""
+        return self._fault
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream the generation for `request`; see `LoadedModel.generate`."""
+        self._check_usable()
+        prompt_ids = await asyncio.to_thread(self._prepare, request)
+        job = _Job(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            sampling=request.sampling,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+        )
+        self._active.setdefault(request.request_id, set()).add(job)
+        self._queue.put(job)
+        finished = False
+        try:
+            while True:
+                item = await job.events.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if isinstance(item, Final):
+                    finished = True
+                    yield item
+                    return
+                yield item
+        finally:
+            if not finished:
+                # The consumer went away (aclose or cancellation): stop decoding for nobody.
+                job.request_cancel("client")
+            jobs = self._active.get(request.request_id)
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del self._active[request.request_id]
+
+    def _check_usable(self) -> _Runtime:
+        if self._fault is not None:
+            raise EngineFault(f"model {self._model_id} is failed: {self._fault}")
+        runtime = self._runtime
+        if self._closing or runtime is None:
+            raise EngineError(f"model {self._model_id} is unloaded")
+        return runtime
+
+    async def abort(self, request_id: RequestId) -> None:
+        for job in list(self._active.get(request_id, ())):
+            job.request_cancel("abort")
+
+    async def unload(self) -> None:
+        if self._closing:
+            await asyncio.to_thread(self._thread.join)
+            return
+        self._closing = True
+        for jobs in list(self._active.values()):
+            for job in list(jobs):
+                job.request_cancel("unload")
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        runtime, self._runtime = self._runtime, None
+        device = runtime.device if runtime is not None else "cpu"
+        del runtime
+        await asyncio.to_thread(_release_memory, device)
+        log.info("unloaded %s", self._model_id)
+
+    # -- request preparation (off the loop, in the default executor) ------------------------------
+
+    def _prepare(self, request: GenerationRequest) -> list[int]:
+        """Validate and tokenize; raises `RequestError` (nothing has been emitted yet)."""
+        runtime = self._check_usable()
+        _validate_sampling(request.sampling)
+        tokenizer = runtime.tokenizer
+        if (request.prompt is None) == (request.messages is None):
+            raise RequestError("exactly one of prompt and messages is required", param="messages")
+        if request.messages is not None:
+            param = "messages"
+            if not request.messages:
+                raise RequestError("messages must not be empty", param="messages")
+            if not getattr(tokenizer, "chat_template", None):
+                raise RequestError(
+                    f"model {self._model_id} has no chat template; use /v1/completions", param="messages"
+                )
+            turns = [
+                {
+                    "role": "system" if m.role == "developer" else m.role,
+                    "content": m.content,
+                    **({"name": m.name} if m.name else {}),
+                }
+                for m in request.messages
+            ]
+            try:
+                text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja errors: the template rejects this conversation
+                raise RequestError(f"chat template rejected the messages: {exc}", param="messages") from exc
+            ids = list(tokenizer.encode(str(text), add_special_tokens=False))
+        else:
+            param = "prompt"
+            ids = list(tokenizer.encode(request.prompt or "", add_special_tokens=True))
+            if not ids and tokenizer.bos_token_id is not None:
+                ids = [int(tokenizer.bos_token_id)]
+        if not ids:
+            raise RequestError("the prompt is empty", param=param)
+        n_prompt, limit = len(ids), self._context_length
+        if n_prompt >= limit:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n_prompt}",
+                param=param,
+            )
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {limit} tokens; you requested "
+                f"{n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} for the completion)",
+                param="max_tokens",
+            )
+        return ids
+
+    # -- the inference thread --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import torch
+
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            if self._closing or self._runtime is None:
+                job.send(EngineError(f"model {self._model_id} was unloaded"))
+                continue
+            if self._fault is not None:
+                job.send(EngineFault(f"model {self._model_id} is failed: {self._fault}"))
+                continue
+            if job.cancel.is_set():
+                job.send(
+                    Final(
+                        usage=Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=0),
+                        finish_reason="stop",
+                    )
+                )
+                continue
+            try:
+                with torch.inference_mode():
+                    self._run(self._runtime, job)
+            except Exception as exc:
+                if is_device_fault(exc):
+                    self._fault = f"{type(exc).__name__}: {exc}"
+                    log.error("model %s faulted during generation: %s", self._model_id, exc)
+                    job.send(EngineFault(f"model {self._model_id} failed: {exc}"))
+                else:
+                    log.exception("generation failed on %s", self._model_id)
+                    job.send(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        # Unload: whatever is still queued gets an answer rather than hanging.
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.send(EngineError(f"model {self._model_id} was unloaded"))
+
+    def _run(self, rt: _Runtime, job: _Job) -> None:
+        import torch
+
+        sampling = job.sampling
+        n_prompt = len(job.prompt_ids)
+        room = self._context_length - n_prompt
+        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        generator = rt.generator(sampling.seed)
+        detok = _Detokenizer(rt.raw_tokenizer)
+        stops = StopStringMatcher(sampling.stop)
+        cache = rt.new_cache()
+        finish: FinishReason = "length"
+        completion = 0
+
+        def emit(text: str) -> bool:
+            out, stopped = stops.feed(text)
+            if out:
+                job.send(Delta(text=out))
+            return stopped
+
+        logits = rt.forward(torch.tensor([job.prompt_ids], device=rt.device), cache)
+        stopped = False
+        while completion < max_new and not job.cancel.is_set():
+            token = rt.sample(logits, sampling, generator)
+            completion += 1
+            if token in rt.eos_ids:
+                finish = "stop"
+                break
+            text = detok.step(token)
+            if text and emit(text):
+                stopped = True
+                finish = "stop"
+                break
+            if completion >= max_new:
+                break
+            logits = rt.forward(torch.tensor([[token]], device=rt.device), cache)
+        if job.cancel.is_set():
+            finish = "stop"
+            if job.cancel_reason == "unload":
+                job.send(EngineError(f"model {self._model_id} was unloaded during generation"))
+                return
+        elif not stopped:
+            tail = detok.flush()
+            if tail and emit(tail):
+                finish = "stop"
+            rest = stops.flush()
+            if rest:
+                job.send(Delta(text=rest))
+        job.send(
+            Final(usage=Usage(prompt_tokens=n_prompt, completion_tokens=completion), finish_reason=finish)
+        )
+
+
+def _validate_sampling(s: SamplingParams) -> None:
+    if not (s.temperature >= 0 and math.isfinite(s.temperature)):
+        raise RequestError("temperature must be a finite number >= 0", param="temperature")
+    if not (0 < s.top_p <= 1):
+        raise RequestError("top_p must be in (0, 1]", param="top_p")
+    if s.top_k < 0:
+        raise RequestError("top_k must be >= 0", param="top_k")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise RequestError("max_tokens must be >= 1", param="max_tokens")
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+class TransformersEngine:
+    """Loads causal LMs with transformers onto one device (`cpu` or `cuda:N`). Implements `Engine`."""
+
+    @property
+    def name(self) -> EngineName:
+        return "transformers"
+
+    async def load(self, spec: LoadSpec, progress: ProgressCallback | None = None) -> TransformersModel:
+        loop = asyncio.get_running_loop()
+
+        def report(p: LoadProgress) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, p)
+
+        report(LoadProgress(phase="resolving", fraction=None))
+        path = await asyncio.to_thread(resolve_source, spec, report)
+        model = await asyncio.to_thread(_load_blocking, spec, path, report)
+        log.info(
+            "loaded %s from %s on %s (%d MB, context %d)",
+            spec.model_id,
+            path,
+            spec.devices[0],
+            model.memory.total_mb,
+            model.context_length,
+        )
+        return model
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or os.sep + os.sep in source or Path(source).exists()
+
+
+def resolve_source(spec: LoadSpec, report: ProgressCallback) -> Path:
+    """A local model directory for `spec.source`: the directory itself, or a hub snapshot downloaded
+    into the HF cache (`spec.cache_dir`, else the default). Structural problems raise
+    `ModelSourceError`; network problems raise `TransientLoadError` (the caller may retry)."""
+    source = spec.source
+    if source.startswith("HF://"):
+        raise ModelSourceError(f"{source} names MLC weights, which only the mlc engine can load")
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelSourceError(f"model directory {path} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} has no config.json (not a transformers model directory)")
+        return path
+    if source.count("/") != 1:
+        raise ModelSourceError(f"source {source!r} is neither a local directory nor a repo id (org/name)")
+    return _download(spec, report)
+
+
+def _download(spec: LoadSpec, report: ProgressCallback) -> Path:
+    """Snapshot a hub repo into the cache, reporting the fraction of files fetched. (Not exercised by
+    the test suite: there is no network here.)"""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import tqdm as hf_tqdm  # type: ignore[attr-defined]
+
+    class _Progress(hf_tqdm):  # type: ignore[misc,unused-ignore]
+        def update(self, n: float | None = 1) -> bool | None:
+            out: bool | None = super().update(n)
+            if self.total:
+                report(LoadProgress(phase="downloading", fraction=min(1.0, self.n / self.total)))
+            return out
+
+    report(LoadProgress(phase="downloading", fraction=0.0))
+    try:
+        path = snapshot_download(
+            spec.source,
+            revision=spec.revision,
+            cache_dir=spec.cache_dir,
+            allow_patterns=list(HF_ALLOW_PATTERNS),
+            tqdm_class=_Progress,
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
+        # GatedRepoError is a RepositoryNotFoundError: structural until the operator fixes access.
+        raise ModelSourceError(f"cannot download {spec.source}: {exc}") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise TransientLoadError(f"download of {spec.source} failed: {exc}") from exc
+    report(LoadProgress(phase="downloading", fraction=1.0))
+    return Path(path)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if device.startswith("cuda:") and device[5:].isdigit():
+        if not torch.cuda.is_available():
+            raise LoadError(f"device {device} requested but CUDA is not available")
+        if int(device[5:]) >= torch.cuda.device_count():
+            raise LoadError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return
+    raise LoadError(f"unsupported device {device!r} (use 'cpu' or 'cuda:N')")
+
+
+def _memory_now(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_reserved(device))
+    return _rss_bytes()
+
+
+def _load_blocking(spec: LoadSpec, path: Path, report: ProgressCallback) -> TransformersModel:
+    import torch
+    import transformers
+
+    # transformers' own annotations are partial; treat it as untyped at this boundary.
+    tf: Any = transformers
+    tf.utils.logging.disable_progress_bar()
+    if len(spec.devices) != 1:
+        raise LoadError(
+            f"the transformers engine runs a model on exactly one device, got {list(spec.devices)} "
+            "(tensor parallel needs the mlc engine)"
+        )
+    device = spec.devices[0]
+    _check_device(device)
+    if spec.quant is None:
+        dtype: Any = torch.float32 if device == "cpu" else "auto"
+    elif spec.quant in _DTYPES:
+        dtype = getattr(torch, _DTYPES[spec.quant])
+    else:
+        raise ModelSourceError(
+            f"quant {spec.quant!r} is not supported by the transformers engine (use one of {sorted(_DTYPES)})"
+        )
+    report(LoadProgress(phase="loading", fraction=None))
+    with _MEASURE_LOCK:
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+            config = tf.AutoConfig.from_pretrained(str(path))
+            # Import the model's code before measuring, so the first model is not charged for it.
+            tf.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelSourceError(f"cannot load {spec.model_id} from {path}: {exc}") from exc
+        before = _memory_now(device)
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model.to(device)
+            model.eval()
+        except torch.OutOfMemoryError as exc:
+            raise InsufficientMemory(f"{spec.model_id} does not fit on {device}: {exc}") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelSourceError(f"cannot load {spec.model_id} from {path}: {exc}") from exc
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise ModelSourceError(f"{path}: the engine needs a fast (tokenizers) tokenizer")
+        runtime = _Runtime(
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            eos_ids=_eos_ids(model, tokenizer),
+            vocab_limit=min(len(tokenizer), int(model.config.get_text_config().vocab_size)),
+        )
+        context_length = _context_length(spec, model, tokenizer)
+        report(LoadProgress(phase="warming", fraction=None))
+        try:
+            _warm_up(runtime)
+        except torch.OutOfMemoryError as exc:
+            raise InsufficientMemory(f"{spec.model_id} does not fit on {device}: {exc}") from exc
+        after = _memory_now(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    used_mb = math.ceil(max(after - before, weights) / 2**20)
+    return TransformersModel(
+        model_id=spec.model_id,
+        runtime=runtime,
+        context_length=context_length,
+        memory=MemoryReport(per_device_mb={device: used_mb}),
+    )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(model.generation_config, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _context_length(spec: LoadSpec, model: Any, tokenizer: Any) -> int:
+    config = model.config.get_text_config()
+    known = [
+        n
+        for n in (getattr(config, "max_position_embeddings", None), spec.context_length)
+        if isinstance(n, int) and n > 0
+    ]
+    if known:
+        return min(known)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < 10_000_000:
+        return model_max
+    return _DEFAULT_CONTEXT_LENGTH
+
+
+def _warm_up(rt: _Runtime) -> None:
+    """Two greedy tokens through prefill and decode, so the first request pays no first-call costs."""
+    import torch
+
+    with torch.inference_mode():
+        ids = rt.tokenizer.encode("Hello", add_special_tokens=True) or [0]
+        cache = rt.new_cache()
+        logits = rt.forward(torch.tensor([ids], device=rt.device), cache)
+        token = rt.sample(logits, SamplingParams(temperature=0), None)
+        rt.forward(torch.tensor([[token]], device=rt.device), cache)
