@@ -155,6 +155,17 @@ def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> Engin
     return engine_for
 
 
+def _engine_names(snapshot: HardwareSnapshot) -> tuple[str, ...]:
+    """Engines this node runs (placement filters on them): transformers always, mlc on CUDA hosts that
+    have it. With injected engines (tests) the node publishes none, which placement does not filter."""
+    from engine import registry
+
+    names = ["transformers"]
+    if snapshot.gpu_available and registry.mlc_available():
+        names.insert(0, "mlc")
+    return tuple(names)
+
+
 # --- addresses ------------------------------------------------------------------------------------------
 
 
@@ -216,7 +227,7 @@ async def build_agent(
         port=config.port if port is None else port,
         mesh=config.mesh,
         agent_version=AGENT_VERSION,
-        engines=("transformers",),
+        engines=_engine_names(snapshot) if engine_for is None and not engines else (),
         labels=dict(config.labels),
         devices=snapshot.devices,
         catalogue=catalogue_dicts(entries),
