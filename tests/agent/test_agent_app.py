@@ -110,10 +110,13 @@ async def test_twenty_simultaneous_first_requests_one_load(aiohttp_server, tmp_p
 
 async def test_infeasible_model_is_503_with_reason(aiohttp_server, tmp_path, fake) -> None:
     base, _ = await _start(aiohttp_server, tmp_path, fake, [entry("huge", memory_mb=10**9)])
-    async with ClientSession() as http, http.post(
-        f"{base}/v1/chat/completions",
-        json={"model": "huge", "messages": [{"role": "user", "content": "x"}]},
-    ) as r:
+    async with (
+        ClientSession() as http,
+        http.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "huge", "messages": [{"role": "user", "content": "x"}]},
+        ) as r,
+    ):
         assert r.status == 503
         body = await r.json()
         assert "huge" in body["error"]["message"]

@@ -82,7 +82,7 @@ async def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate()
+    _out, err = await proc.communicate()
     assert proc.returncode == 2
     assert err.decode().strip().splitlines() == [
         "helexa agent: bad port 'eighty' from environment HELEXA_PORT: must be an integer 0..65535"
