@@ -7,7 +7,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 from pytest_aiohttp import AiohttpServer
 
 from engine.base import ModelId
@@ -25,7 +25,7 @@ def fake() -> FakeEngine:
 
 async def _start(
     aiohttp_server: AiohttpServer, tmp_path: Path, fake: FakeEngine, entries: list
-) -> tuple[str, object]:
+) -> tuple[str, web.Application]:
     config = load_config(["--state-dir", str(tmp_path / "state"), "--name", "t1"], {"HOME": str(tmp_path)})
     app = await build_app(config, engine_for=lambda e, d: fake, catalogue=entries, neuron_timing=FAST)
     server = await aiohttp_server(app)
