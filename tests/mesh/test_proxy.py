@@ -91,7 +91,7 @@ async def peer():
     p = FakePeer()
     server = TestServer(p.app, host="127.0.0.1")
     await server.start_server()
-    p.addr = PeerAddr("127.0.0.1", server.port)  # type: ignore[attr-defined]
+    p.addr = PeerAddr("127.0.0.1", server.port or 0)  # type: ignore[attr-defined]
     yield p
     await server.close()
 
