@@ -361,7 +361,7 @@ def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: i
     """Request values over catalogue defaults; `max_tokens` checked against the context length.
 
     A client asking for more tokens than the context holds gets a 400 naming its field; a catalogue
-    default larger than the context is clamped silently.
+    default larger than the context becomes "until the context is full" (None), which is what it meant.
     """
     params = protocol.resolve_sampling(job.sampling, defaults)
     if context_length and params.max_tokens is not None and params.max_tokens > context_length:
@@ -373,8 +373,18 @@ def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: i
                 param=name,
                 code="context_length_exceeded",
             )
-        params = dataclasses.replace(params, max_tokens=context_length)
+        params = dataclasses.replace(params, max_tokens=None)
     return params
+
+
+def _fit_to_model(
+    job: _Job, decision: LocalDecision, generation: GenerationRequest, context_length: int
+) -> GenerationRequest:
+    """Check `max_tokens` again against the loaded model's own context length (known only now)."""
+    if context_length <= 0 or context_length == decision.entry.context_length:
+        return generation
+    sampling = _sampling_for(job, decision.entry.defaults, context_length)
+    return dataclasses.replace(generation, sampling=sampling)
 
 
 async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.StreamResponse:
@@ -450,15 +460,6 @@ class _Timing:
         )
 
 
-def _fit_to_model(generation: GenerationRequest, context_length: int) -> GenerationRequest:
-    """Clamp `max_tokens` to the loaded model's own context length (known only once it is loaded)."""
-    limit = generation.sampling.max_tokens
-    if context_length > 0 and limit is not None and limit > context_length:
-        sampling = dataclasses.replace(generation.sampling, max_tokens=context_length)
-        return dataclasses.replace(generation, sampling=sampling)
-    return generation
-
-
 async def _collect(
     request: web.Request,
     *,
@@ -472,7 +473,7 @@ async def _collect(
     pieces: list[str] = []
     final: FinalEvent | None = None
     async with decision.acquire() as model:
-        generation = _fit_to_model(generation, model.context_length)
+        generation = _fit_to_model(job, decision, generation, model.context_length)
         events = model.generate(generation)
         try:
             async for event in events:
@@ -542,7 +543,7 @@ async def _stream(
         try:
             async with sse.keepalive(start, response.write, interval_s):
                 model = await stack.enter_async_context(decision.acquire())
-                generation = _fit_to_model(generation, model.context_length)
+                generation = _fit_to_model(job, decision, generation, model.context_length)
                 events = model.generate(generation)
                 stack.push_async_callback(_aclose, events)
                 first = await anext(events, None)
