@@ -16,6 +16,7 @@ from .base import (
     SamplingParams,
     Usage,
 )
+from .registry import choose_engine, create_engine, mlc_available
 
 __all__ = [
     "ChatMessage",
@@ -32,4 +33,7 @@ __all__ = [
     "RequestId",
     "SamplingParams",
     "Usage",
+    "choose_engine",
+    "create_engine",
+    "mlc_available",
 ]

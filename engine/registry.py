@@ -1,0 +1,73 @@
+"""Choosing and creating engines. Cheap to import: engine modules are imported on demand.
+
+MISSION's `auto` rule: the mlc engine when `mlc_llm` is importable, the host has CUDA GPUs and the
+entry names MLC weights (`HF://org/name`, or a directory holding `mlc-chat-config.json`); otherwise
+transformers. `fake` is used only when an entry asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import get_args
+
+from .base import Engine, EngineName
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAMES: tuple[EngineName, ...] = get_args(EngineName)
+
+
+def create_engine(name: EngineName) -> Engine:
+    """A new engine instance by name; the engine's module is imported only now."""
+    if name == "transformers":
+        from .transformers_engine import TransformersEngine
+
+        return TransformersEngine()
+    if name == "mlc":
+        from .mlc_engine import MLCEngine
+
+        return MLCEngine()
+    if name == "fake":
+        from .fake import FakeEngine
+
+        return FakeEngine()
+    raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")
+
+
+def mlc_available() -> bool:
+    """Whether `mlc_llm` could be imported, without importing it (it pulls in TVM and CUDA)."""
+    try:
+        return importlib.util.find_spec("mlc_llm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def is_mlc_source(source: str) -> bool:
+    """True for MLC weights: an `HF://` repo, or a local directory with `mlc-chat-config.json`."""
+    if source.startswith("HF://"):
+        return True
+    try:
+        return (Path(source).expanduser() / "mlc-chat-config.json").is_file()
+    except OSError:
+        return False
+
+
+def choose_engine(
+    entry_engine: str, source: str, has_cuda: bool, *, mlc_importable: bool | None = None
+) -> EngineName:
+    """The engine for a catalogue entry: an explicit choice wins; `auto` applies MISSION's rule.
+
+    `mlc_importable` overrides the `mlc_available()` probe (tests).
+    """
+    if entry_engine in ENGINE_NAMES:
+        return entry_engine
+    if entry_engine != "auto":
+        raise ValueError(f"unknown engine {entry_engine!r} (use auto, {', '.join(ENGINE_NAMES)})")
+    if has_cuda and is_mlc_source(source):
+        importable = mlc_available() if mlc_importable is None else mlc_importable
+        if importable:
+            return "mlc"
+        log.debug("%s names MLC weights but mlc_llm is not importable; using transformers", source)
+    return "transformers"

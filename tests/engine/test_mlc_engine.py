@@ -1,0 +1,146 @@
+"""The MLC engine's worker supervision and protocol, with a fake worker process (no mlc_llm here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from engine.base import (
+    ChatMessage,
+    Delta,
+    Final,
+    GenerationRequest,
+    LoadedModel,
+    LoadSpec,
+    ModelId,
+    RequestId,
+    SamplingParams,
+)
+from engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
+from engine.mlc_engine import MLCEngine, MLCModel
+from engine.registry import mlc_available
+
+FAKE_WORKER = "tests.engine.fake_mlc_worker"
+
+
+def request(text: str, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=RequestId("r"),
+        messages=(ChatMessage(role="user", content=text),),
+        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
+    )
+
+
+async def collect(model: LoadedModel, req: GenerationRequest) -> tuple[str, Final]:
+    text, final = "", None
+    async for event in model.generate(req):
+        if isinstance(event, Delta):
+            text += event.text
+        else:
+            final = event
+    assert final is not None
+    return text, final
+
+
+async def load_fake(devices: tuple[str, ...] = ("cuda:0",), source: str = "HF://org/model") -> MLCModel:
+    engine = MLCEngine(worker_module=FAKE_WORKER, require_mlc=False)
+    return await engine.load(LoadSpec(model_id=ModelId("m"), source=source, devices=devices))
+
+
+async def test_missing_mlc_llm_is_a_clear_load_error() -> None:
+    assert not mlc_available(), "this test documents a host without mlc_llm"
+    with pytest.raises(LoadError, match="mlc_llm"):
+        await MLCEngine().load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=("cuda:0",)))
+
+
+async def test_cpu_device_is_refused() -> None:
+    engine = MLCEngine(worker_module=FAKE_WORKER, require_mlc=False)
+    with pytest.raises(LoadError, match="cuda"):
+        await engine.load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=("cpu",)))
+
+
+async def test_generate_through_worker_process() -> None:
+    model = await load_fake(devices=("cuda:2", "cuda:5"))
+    try:
+        assert isinstance(model, LoadedModel)
+        assert model.memory.per_device_mb == {"cuda:2": 100, "cuda:5": 101}
+        assert model.context_length == 64
+        text, final = await collect(model, request("one two three four"))
+        assert text == "one two three four"
+        assert final.finish_reason == "stop"
+        assert final.usage.completion_tokens == 4
+        text, final = await collect(model, request("one two three four", max_tokens=2))
+        assert (text, final.finish_reason) == ("one two", "length")
+        # Native output on stdout must not corrupt the protocol.
+        text, _ = await collect(model, request("noise"))
+        assert text == "noise"
+        with pytest.raises(ContextLengthExceeded):
+            await collect(model, request("w " * 100))
+        together = await asyncio.gather(*(collect(model, request(f"a{i} b{i}")) for i in range(5)))
+        assert [t for t, _ in together] == [f"a{i} b{i}" for i in range(5)]
+    finally:
+        await model.unload()
+    assert model._process.returncode == 0
+
+
+async def test_aclose_aborts_in_the_worker() -> None:
+    model = await load_fake()
+    try:
+        stream = model.generate(request("slow"))
+        assert isinstance(await anext(stream), Delta)
+        await stream.aclose()  # type: ignore[attr-defined]
+        text, _ = await asyncio.wait_for(collect(model, request("still alive")), timeout=10)
+        assert text == "still alive"
+        assert not model._streams
+    finally:
+        await model.unload()
+
+
+async def test_abort_from_outside_ends_the_stream() -> None:
+    model = await load_fake()
+    try:
+        final = None
+        async for event in model.generate(request("slow")):
+            if isinstance(event, Delta):
+                await model.abort(RequestId("r"))
+            else:
+                final = event
+        assert final is not None
+        assert final.finish_reason == "stop"
+    finally:
+        await model.unload()
+
+
+async def test_worker_crash_fails_only_that_model() -> None:
+    model = await load_fake()
+    other = await load_fake()
+    try:
+        with pytest.raises(EngineFault):
+            await collect(model, request("crash"))
+        assert model.fault is not None
+        with pytest.raises(EngineFault):
+            await collect(model, request("hello"))
+        text, _ = await collect(other, request("unaffected"))
+        assert text == "unaffected"
+    finally:
+        await model.unload()
+        await other.unload()
+
+
+async def test_load_error_from_worker() -> None:
+    engine = MLCEngine(worker_module=FAKE_WORKER, require_mlc=False)
+    with pytest.raises(ModelSourceError, match="no weights"):
+        await engine.load(LoadSpec(model_id=ModelId("m"), source="missing", devices=("cuda:0",)))
+
+
+async def test_unload_is_idempotent_and_ends_the_process() -> None:
+    model = await load_fake()
+    pid = model.pid
+    await model.unload()
+    await model.unload()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(EngineError):
+        await collect(model, request("x"))
