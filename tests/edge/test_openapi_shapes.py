@@ -1,18 +1,23 @@
-"""Our non-streamed response bodies validated against OpenAI's published OpenAPI schemas.
+"""Our response bodies validated against OpenAI's published OpenAPI schemas.
 
-A small JSON-schema checker (type, required, properties, items, enum, anyOf/oneOf/allOf, $ref) is
-enough for the response schemas we produce (plus OpenAPI 3.0's `nullable`); the spec is read once per
-session with PyYAML's C loader.
+The schemas we check against are the closure (over `$ref`) of the response types we produce, extracted
+from OpenAI's spec (github.com/openai/openai-openapi, MIT licence) into `openai_schemas.json` beside
+this file, with descriptions and examples dropped, so the tests run on a clean clone without the spec.
+When the full spec is present (`OPENAI_SPEC_PATH`), a test checks the extract is still current;
+regenerate it with `python -m tests.edge.test_openapi_shapes`.
+
+A small JSON-schema checker (type, required, properties, items, enum, anyOf/oneOf/allOf, $ref, and
+OpenAPI 3.0's `nullable`) is enough for these schemas.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not installed
 
 from engine.base import ModelId, Usage
 from mesh import protocol
@@ -22,9 +27,17 @@ from mesh.routing import Location, ModelListing
 
 from .conftest import Edge
 
-SPEC_PATH = Path("/work/shared/openai-openapi/openapi.yaml")
-if not SPEC_PATH.exists():  # the repository may travel without the shared folder
-    SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "openai-openapi" / "openapi.yaml"
+OPENAI_SPEC_PATH = Path("/work/shared/openai-openapi/openapi.yaml")
+EXTRACT_PATH = Path(__file__).with_name("openai_schemas.json")
+ROOTS = (
+    "CreateChatCompletionResponse",
+    "CreateChatCompletionStreamResponse",
+    "CreateCompletionResponse",
+    "ListModelsResponse",
+    "Model",
+    "ErrorResponse",
+)
+_DROPPED_KEYS = frozenset({"description", "example", "examples", "x-oaiMeta", "title", "deprecated"})
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict,),
@@ -37,13 +50,54 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def extract_schemas(spec: dict[str, Any]) -> dict[str, Any]:
+    """The `ROOTS` schemas and everything they reference, without prose."""
+    every = spec["components"]["schemas"]
+    seen: set[str] = set(ROOTS)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    name = value.rsplit("/", 1)[-1]
+                    if name not in seen:
+                        seen.add(name)
+                        walk(every[name])
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for root in ROOTS:
+        walk(every[root])
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in _DROPPED_KEYS}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return {name: strip(every[name]) for name in sorted(seen)}
+
+
+def _load_spec() -> dict[str, Any]:
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; types-PyYAML is not installed
+
+    with OPENAI_SPEC_PATH.open("rb") as f:
+        return yaml.load(f, Loader=yaml.CSafeLoader)
+
+
 @pytest.fixture(scope="session")
 def schemas() -> dict[str, Any]:
-    if not SPEC_PATH.exists():
-        pytest.fail(f"OpenAI spec not found at {SPEC_PATH}")
-    with SPEC_PATH.open("rb") as f:
-        spec = yaml.load(f, Loader=yaml.CSafeLoader)
-    return spec["components"]["schemas"]
+    data = json.loads(EXTRACT_PATH.read_text())
+    return data["schemas"]
+
+
+@pytest.mark.skipif(not OPENAI_SPEC_PATH.exists(), reason="OpenAI's full spec is not on this machine")
+def test_extract_matches_the_published_spec(schemas: dict[str, Any]) -> None:
+    assert extract_schemas(_load_spec()) == schemas
 
 
 def validate(value: Any, schema: dict[str, Any], schemas: dict[str, Any], path: str = "$") -> list[str]:
@@ -157,3 +211,18 @@ def test_built_bodies_match_the_spec(schemas: dict[str, Any]) -> None:
     )
     _check(orjson.loads(protocol.model_json(listing)), "Model", schemas)
     _check(error_envelope(ModelUnavailable("x", reason="draining")), "ErrorResponse", schemas)
+
+
+if __name__ == "__main__":
+    EXTRACT_PATH.write_text(
+        json.dumps(
+            {
+                "_source": "https://github.com/openai/openai-openapi openapi.yaml, components.schemas subset",
+                "_license": "MIT, Copyright (c) OpenAI",
+                "schemas": extract_schemas(_load_spec()),
+            },
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
