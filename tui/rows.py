@@ -30,7 +30,7 @@ class Column:
 
 
 TOPOLOGY_COLUMNS = (
-    Column(key="name", label="Node / device / model", width=30),
+    Column(key="name", label="Node / device / model", width=40),
     Column(key="where", label="Address / hardware", width=22),
     Column(key="state", label="State", width=12),
     Column(key="memory", label="Memory used / total", width=24),

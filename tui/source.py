@@ -103,6 +103,10 @@ class HttpFleetSource:
     def url(self) -> str:
         return self._client.url
 
+    async def aclose(self) -> None:
+        """Close the HTTP session (operator calls made outside `run` open one)."""
+        await self._client.aclose()
+
     def _backoff(self, attempt: int) -> float:
         return backoff_s(attempt, initial_s=self._backoff_initial_s, max_s=self._backoff_max_s)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey, RowKey
 
 from ..rows import Cell, Column, Row
 
@@ -44,15 +45,22 @@ class DiffTable(DataTable[Cell]):
         if keys == self._order:
             written = 0
             column_keys = [c.key for c in self.COLUMNS]
+            # Cells are written straight into the table's store and the table is invalidated once:
+            # `update_cell` would schedule a refresh per cell (hundreds per tick on a large fleet).
+            data = self._data
             for row in rows:
                 old = self._shown[row.key]
                 if old == row.cells:
                     continue
+                row_data = data[RowKey(row.key)]
                 for column_key, before, after in zip(column_keys, old, row.cells, strict=True):
                     if before != after:
-                        self.update_cell(row.key, column_key, after)
+                        row_data[ColumnKey(column_key)] = after
                         written += 1
                 self._shown[row.key] = row.cells
+            if written:
+                self._update_count += 1
+                self.refresh()
             self.cells_updated += written
             return written
         selected = self.selected_key
