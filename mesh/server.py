@@ -554,7 +554,10 @@ async def _stream(
 
         # Phase 2: stream.
         try:
-            await start()
+            try:
+                await start()
+            except ConnectionError as exc:
+                raise _ClientGone() from exc
             if chat:
                 await _write(response, chunk("", role=True))
             event = first
@@ -579,8 +582,7 @@ async def _stream(
                     sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
                 )
             await _write(response, sse.DONE)
-        except (_ClientGone, ConnectionError) as exc:
-            # ConnectionError too: `prepare()` on a closed transport raises it directly.
+        except _ClientGone as exc:
             logger.debug("stream %s: client gone: %r", ident, exc)
             outcome.status = CLIENT_CLOSED_STATUS
             return response
