@@ -1,0 +1,226 @@
+"""`scripts/bench engine`: the agent's streaming overhead versus the engine called directly.
+
+For each model (the shipped demo model, and a random-weight model shaped like Qwen2.5-0.5B that
+`engine.testing` builds once into a cache folder), one agent runs in this process on a loopback port with
+the model loaded, and the same loaded model is then driven two ways, alternately (A, B, A, B, ...) so
+machine noise hits both:
+
+  A  direct   `LoadedModel.generate()` in-process
+  B  HTTP     `POST /v1/completions` with `stream: true` to the agent, read with aiohttp (SSE parsed)
+
+Both use the same greedy request (same prompt, temperature 0, the same `max_tokens`), so both produce
+the same tokens. Reported per path (medians): time to first token, decode tokens/s (completion tokens
+after the first, over the time from the first to the last token) and overall tokens/s (completion
+tokens over the whole request). The ratio HTTP/direct of tokens/s must be at least 0.95.
+
+    scripts/bench engine [--rounds N] [--max-tokens N] [--qwen-max-tokens N] [--skip-qwen]
+                         [--model-dir DIR]   (benchmark a model directory instead)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from catalogue.entry import ModelEntry  # noqa: E402
+from engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams  # noqa: E402
+from mesh.agent import AGENT, build_app  # noqa: E402
+from mesh.config import load_config  # noqa: E402
+
+TARGET_RATIO = 0.95
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sample:
+    ttft_s: float
+    total_s: float
+    completion_tokens: int
+    decode_s: float  # first token to last token
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def overall_tps(self) -> float:
+        return self.completion_tokens / self.total_s
+
+
+async def direct(model: object, max_tokens: int, n: int) -> Sample:
+    from engine.base import LoadedModel
+
+    assert isinstance(model, LoadedModel)
+    request = GenerationRequest(
+        request_id=RequestId(f"bench-direct-{n}"),
+        prompt=PROMPT,
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+    )
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async for event in model.generate(request):
+        now = time.perf_counter()
+        if isinstance(event, Delta) and event.text:
+            first = first or now
+            last = now
+        elif isinstance(event, Final):
+            tokens = event.usage.completion_tokens
+    end = time.perf_counter()
+    assert first is not None and last is not None
+    return Sample(ttft_s=first - start, total_s=end - start, completion_tokens=tokens, decode_s=last - first)
+
+
+async def http(session: aiohttp.ClientSession, url: str, model_id: str, max_tokens: int) -> Sample:
+    body = {
+        "model": model_id,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = orjson.loads(line[6:])
+            now = time.perf_counter()
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                first = first or now
+                last = now
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    assert first is not None and last is not None
+    return Sample(ttft_s=first - start, total_s=end - start, completion_tokens=tokens, decode_s=last - first)
+
+
+async def bench_model(label: str, source: Path, *, rounds: int, max_tokens: int) -> float:
+    """Benchmark one model directory; prints a table and returns the HTTP/direct tokens/s ratio."""
+    model_id = f"bench/{label}"
+    entry = ModelEntry(id=ModelId(model_id), source=str(source), engine="transformers", keep_alive_s=None)
+    with tempfile.TemporaryDirectory(prefix="helexa-bench-") as tmp:
+        config = load_config(
+            ["--host", "127.0.0.1", "--port", "0", "--state-dir", tmp, "--log-level", "warning"],
+            {"HOME": tmp},
+        )
+        app = await build_app(config, catalogue=[entry])
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            print(f"\n{label}: loading {source} ...", flush=True)
+            t0 = time.perf_counter()
+            model = await app[AGENT].neuron.ensure_loaded(entry)
+            print(f"{label}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+            async with aiohttp.ClientSession() as session:
+                # Warm both paths once (first-call costs are not what we compare).
+                await direct(model, max_tokens, -1)
+                await http(session, url, model_id, max_tokens)
+                a: list[Sample] = []
+                b: list[Sample] = []
+                for i in range(rounds):
+                    a.append(await direct(model, max_tokens, i))
+                    b.append(await http(session, url, model_id, max_tokens))
+        finally:
+            await runner.cleanup()
+
+    def med(samples: list[Sample], attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in samples)
+
+    tokens = {s.completion_tokens for s in a + b}
+    print(f"{label}: {rounds} rounds A/B, {max_tokens} max tokens, completion tokens {sorted(tokens)}")
+    print(f"  {'':10}{'TTFT ms':>10}{'decode tok/s':>14}{'overall tok/s':>15}")
+    for name, samples in (("direct", a), ("HTTP", b)):
+        print(
+            f"  {name:10}{med(samples, 'ttft_s') * 1000:>10.1f}"
+            f"{med(samples, 'decode_tps'):>14.1f}{med(samples, 'overall_tps'):>15.1f}"
+        )
+    decode_ratio = med(b, "decode_tps") / med(a, "decode_tps")
+    overall_ratio = med(b, "overall_tps") / med(a, "overall_tps")
+    ttft_added_ms = (med(b, "ttft_s") - med(a, "ttft_s")) * 1000
+    verdict = "ok" if min(decode_ratio, overall_ratio) >= TARGET_RATIO else "MISSED"
+    print(
+        f"  ratio HTTP/direct: decode {decode_ratio:.3f}, overall {overall_ratio:.3f}"
+        f" (target >= {TARGET_RATIO}) {verdict}; TTFT added {ttft_added_ms:+.1f} ms"
+    )
+    return min(decode_ratio, overall_ratio)
+
+
+def qwen_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "helexa" / "bench"
+    path = cache / "qwen2.5-0.5b-shaped"
+    if not (path / "config.json").is_file():
+        from engine.testing import build_qwen25_05b_shaped
+
+        print(f"building a random-weight Qwen2.5-0.5B-shaped model in {path} (once) ...", flush=True)
+        build_qwen25_05b_shaped(path)
+    return path
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    ratios: list[float] = []
+    if args.model_dir:
+        ratios.append(
+            await bench_model("model", Path(args.model_dir), rounds=args.rounds, max_tokens=args.max_tokens)
+        )
+    else:
+        from catalogue.validate import builtin_path
+
+        demo = builtin_path("demo")
+        if (demo / "config.json").is_file():
+            ratios.append(await bench_model("demo", demo, rounds=args.rounds, max_tokens=args.max_tokens))
+        else:
+            print(f"demo model not installed ({demo}); skipped")
+        if not args.skip_qwen:
+            path = await asyncio.to_thread(qwen_dir)
+            ratios.append(
+                await bench_model(
+                    "qwen2.5-0.5b-shaped", path, rounds=args.rounds, max_tokens=args.qwen_max_tokens
+                )
+            )
+    if not ratios:
+        print("nothing benchmarked")
+        return 1
+    return 0 if min(ratios) >= TARGET_RATIO else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench engine", description="HTTP stream vs engine in-process"
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128, help="per request, demo model")
+    parser.add_argument("--qwen-max-tokens", type=int, default=32, help="per request, Qwen-shaped model")
+    parser.add_argument("--skip-qwen", action="store_true")
+    parser.add_argument("--model-dir", help="benchmark this model directory instead")
+    return asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
