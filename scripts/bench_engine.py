@@ -151,7 +151,7 @@ async def bench_model(label: str, source: Path, *, rounds: int, max_tokens: int)
             await runner.cleanup()
 
     def med(samples: list[Sample], attr: str) -> float:
-        return statistics.median(getattr(s, attr) for s in samples)
+        return float(statistics.median(float(getattr(s, attr)) for s in samples))
 
     tokens = {s.completion_tokens for s in a + b}
     print(f"{label}: {rounds} rounds A/B, {max_tokens} max tokens, completion tokens {sorted(tokens)}")
