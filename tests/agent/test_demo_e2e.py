@@ -1,0 +1,62 @@
+"""End to end: the real agent app, the real default catalogue, the shipped demo model, the openai SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from catalogue.validate import builtin_path
+from mesh.agent import AGENT, build_app
+from mesh.config import load_config
+
+
+@pytest.mark.slow
+async def test_chat_with_the_demo_model_through_the_default_catalogue(aiohttp_server, tmp_path: Path) -> None:
+    assert (builtin_path("demo") / "config.json").is_file(), (
+        "the demo model is not installed in catalogue/demo"
+    )
+    config = load_config(
+        ["--state-dir", str(tmp_path / "state"), "--name", "demo-node"], {"HOME": str(tmp_path)}
+    )
+    app = await build_app(config)  # real catalogue (created from the packaged default), real engine
+    server = await aiohttp_server(app)
+    assert (tmp_path / "state" / "models.toml").is_file()
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", _strict_response_validation=True
+    )
+    async with client:
+        listed = {m.id: m.model_dump() for m in (await client.models.list()).data}
+        assert "helexa/demo" in listed
+        assert listed["helexa/demo"]["status"] == "unloaded"
+        assert listed["helexa/demo"]["feasible_on"] == ["demo-node"]
+
+        reply = await client.chat.completions.create(
+            model="helexa/demo",
+            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            max_tokens=24,
+            temperature=0.7,
+            seed=7,
+        )
+        text = reply.choices[0].message.content or ""
+        assert text.strip(), "the demo model answered nothing"
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 24
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+        stream = await client.chat.completions.create(
+            model="helexa/demo",
+            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            max_tokens=24,
+            temperature=0.7,
+            seed=7,
+            stream=True,
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert streamed == text  # same seed, same output, streamed or not
+
+        loaded = (await client.models.retrieve("helexa/demo")).model_dump()
+        assert loaded["status"] == "loaded"
+        assert loaded["locations"][0]["memory_mb"] > 0
+    record = app[AGENT].neuron.record("helexa/demo")
+    assert record is not None and record.engine == "transformers" and record.devices == ("cpu",)
