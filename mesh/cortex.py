@@ -119,6 +119,12 @@ class MeshCortex:
             node = min(loading, key=lambda n: (n.node_id != me.node_id, n.node_id))
             return self._decide(entry, node, cold=True)
 
+        if not nodes:
+            # Only this node, and it is draining: a transient condition, never a 404.
+            raise errors.ModelUnavailable(
+                "this agent is shutting down and knows no other node", reason="draining", retry_after_s=1.0
+            )
+
         # 3. In the catalogue: place it.
         candidates = self._place(entry, nodes)
         if not candidates:

@@ -694,16 +694,15 @@ class Neuron:
             except (EngineError, errors.HelexaError) as e:
                 log.warning("preloading %s failed: %s", entry.id, e)
 
-    async def wait_idle(self) -> None:
+    async def wait_idle(self, *, poll_s: float = 0.05) -> None:
         """Return once no model has requests in flight or queued (the drain waits on this)."""
-        while True:
-            busy = [s for s in self._slots.values() if s.in_flight or s.queued]
-            if not busy:
-                return
-            await busy[0].idle.wait()
-            # A queued request may be waiting on a load rather than holding a reservation.
-            if not busy[0].in_flight:
-                await asyncio.sleep(0.05)
+        while busy := [s for s in self._slots.values() if s.in_flight or s.queued]:
+            # Wait on the first busy model, but wake up every `poll_s` to re-check: a request queued on a
+            # load that fails never makes its slot idle.
+            event = busy[0].idle if not busy[0].idle.is_set() else asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_s):
+                    await event.wait()
 
     async def close(self) -> None:
         """Stop admitting, cancel loads and unload everything (bounded per model)."""

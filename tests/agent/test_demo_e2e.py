@@ -60,3 +60,35 @@ async def test_chat_with_the_demo_model_through_the_default_catalogue(aiohttp_se
         assert loaded["locations"][0]["memory_mb"] > 0
     record = app[AGENT].neuron.record("helexa/demo")
     assert record is not None and record.engine == "transformers" and record.devices == ("cpu",)
+
+
+@pytest.mark.slow
+async def test_real_engine_with_a_tiny_model_from_a_catalogue_file(aiohttp_server, tmp_path: Path) -> None:
+    from engine.testing import build_tiny_model
+
+    etc = tmp_path / "etc"
+    build_tiny_model(etc / "models" / "tiny")
+    # A relative source resolves against the catalogue file's folder; the catalogue path against the
+    # config file's folder.
+    (etc / "models.toml").write_text(
+        '[[models]]\nid = "test/tiny"\nsource = "models/tiny"\nengine = "transformers"\naliases = ["tiny"]\n'
+    )
+    (etc / "helexa.toml").write_text('catalogue = "models.toml"\nname = "tiny-node"\n')
+    config = load_config(
+        ["--config", str(etc / "helexa.toml"), "--state-dir", str(tmp_path / "state")],
+        {"HOME": str(tmp_path)},
+    )
+    app = await build_app(config)
+    server = await aiohttp_server(app)
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", _strict_response_validation=True
+    )
+    async with client:
+        assert [m.id for m in (await client.models.list()).data] == ["test/tiny"]
+        reply = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, seed=1
+        )
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+    record = app[AGENT].neuron.record("test/tiny")
+    assert record is not None and record.status == "loaded" and record.engine == "transformers"
+    assert record.memory_mb > 0

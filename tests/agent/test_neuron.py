@@ -208,3 +208,22 @@ async def test_explicit_unload_waits_for_in_flight_requests(rig: Rig) -> None:
     assert await unload is True
     assert rig.neuron.status("a") is None
     assert rig.engine.unloads[ModelId("a")] == 1
+
+
+async def test_wait_idle_returns_when_requests_finish(rig: Rig) -> None:
+    e = entry("a")
+    await rig.neuron.wait_idle()  # nothing loaded: returns at once
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with rig.neuron.acquire(e):
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.05)
+    waiter = asyncio.create_task(rig.neuron.wait_idle(poll_s=0.01))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    release.set()
+    await asyncio.wait_for(waiter, 1.0)
+    await holder
