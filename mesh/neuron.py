@@ -290,8 +290,7 @@ class Neuron:
                         slot.queued += 1
                         queued_on = slot
                         self._counts_changed(slot)
-                # Outside the lock: wait for the load (or unload) without holding anyone else up. The
-                # shield keeps one cancelled waiter from cancelling the load the others wait for.
+                # Outside the lock: wait for the load (or unload) without holding anyone else up.
                 # asyncio.wait neither raises the load's error nor cancels the load when this waiter is
                 # cancelled, so one client going away never cancels the load the others wait for.
                 await asyncio.wait({waiter})
