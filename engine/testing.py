@@ -19,8 +19,12 @@ Heavy libraries (torch, transformers) are imported inside the builders, never at
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .base import Delta, Final, GenerationRequest, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -172,4 +176,42 @@ def build_qwen25_05b_shaped(directory: Path | str, *, seed: int = 0) -> Path:
         dtype="bfloat16",
         initializer_range=0.02,
         seed=seed,
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationTiming:
+    """One generation timed from the consumer's side of `LoadedModel.generate`."""
+
+    time_to_first_token_s: float
+    elapsed_s: float
+    completion_tokens: int
+    deltas: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput after the first token (prefill excluded)."""
+        decode_s = self.elapsed_s - self.time_to_first_token_s
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 and self.completion_tokens > 1 else 0.0
+
+
+async def time_generation(model: LoadedModel, request: GenerationRequest) -> GenerationTiming:
+    """Run `request` on `model` directly (no HTTP) and time it: the in-process baseline for benchmarks."""
+    start = time.perf_counter()
+    first: float | None = None
+    deltas = 0
+    completion = 0
+    async for event in model.generate(request):
+        if isinstance(event, Delta):
+            deltas += 1
+            if first is None:
+                first = time.perf_counter() - start
+        elif isinstance(event, Final):
+            completion = event.usage.completion_tokens
+    elapsed = time.perf_counter() - start
+    return GenerationTiming(
+        time_to_first_token_s=elapsed if first is None else first,
+        elapsed_s=elapsed,
+        completion_tokens=completion,
+        deltas=deltas,
     )

@@ -27,6 +27,7 @@ torch and transformers are imported only inside `load` (and the threads it start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
@@ -34,10 +35,10 @@ import math
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .base import (
     Delta,
@@ -68,6 +69,8 @@ from .errors import (
 from .textstream import StopStringMatcher
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Files a causal LM needs from a hub snapshot (weights, configs, tokenizer, chat template).
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
@@ -317,18 +320,18 @@ class TransformersModel:
 
     async def unload(self) -> None:
         if self._closing:
-            await asyncio.to_thread(self._thread.join)
+            await in_own_thread(self._thread.join)
             return
         self._closing = True
         for jobs in list(self._active.values()):
             for job in list(jobs):
                 job.request_cancel("unload")
         self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
+        await in_own_thread(self._thread.join)
         runtime, self._runtime = self._runtime, None
         device = runtime.device if runtime is not None else "cpu"
         del runtime
-        await asyncio.to_thread(_release_memory, device)
+        await in_own_thread(_release_memory, device)
         log.info("unloaded %s", self._model_id)
 
     # -- request preparation (off the loop, in the default executor) ------------------------------
@@ -479,6 +482,39 @@ class TransformersModel:
         )
 
 
+def in_own_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run a long blocking call (a download, a load, a join) in a fresh daemon thread.
+
+    Not `asyncio.to_thread`: the default executor has a handful of threads, and several slow loads
+    parked there would delay the short tokenisation calls that requests to other models make.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(
+        target=target, name=f"helexa-engine:{getattr(fn, '__name__', 'call')}", daemon=True
+    ).start()
+    return future
+
+
 def _validate_sampling(s: SamplingParams) -> None:
     if not (s.temperature >= 0 and math.isfinite(s.temperature)):
         raise RequestError("temperature must be a finite number >= 0", param="temperature")
@@ -522,8 +558,8 @@ class TransformersEngine:
                 loop.call_soon_threadsafe(progress, p)
 
         report(LoadProgress(phase="resolving", fraction=None))
-        path = await asyncio.to_thread(resolve_source, spec, report)
-        model = await asyncio.to_thread(_load_blocking, spec, path, report)
+        path = await in_own_thread(resolve_source, spec, report)
+        model = await in_own_thread(_load_blocking, spec, path, report)
         log.info(
             "loaded %s from %s on %s (%d MB, context %d)",
             spec.model_id,

@@ -29,6 +29,7 @@ from engine.errors import (
     LoadError,
     ModelSourceError,
     RequestError,
+    TransientLoadError,
 )
 from engine.transformers_engine import TransformersEngine, TransformersModel, _Detokenizer
 
@@ -443,3 +444,40 @@ def test_second_load_is_independent(tiny_model_dir: Path, tiny_model: Transforme
         assert other.memory.total_mb > 0
     finally:
         asyncio.run(other.unload())
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.usefixtures("hub_offline")
+async def test_repo_id_loads_from_the_hf_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A repo id resolves through `snapshot_download` into the HF cache (here pre-populated, offline)."""
+    import shutil
+
+    snapshot = tmp_path / "models--helexa--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (tmp_path / "models--helexa--tiny" / "refs").mkdir()
+    (tmp_path / "models--helexa--tiny" / "refs" / "main").write_text("0123abcd")
+    seen: list[LoadProgress] = []
+    model = await TransformersEngine().load(
+        LoadSpec(model_id=ModelId("helexa/tiny"), source="helexa/tiny", cache_dir=tmp_path),
+        progress=seen.append,
+    )
+    try:
+        _, _, final = await collect(model, chat(max_tokens=2))
+        assert final.usage.completion_tokens == 2
+        assert [p.phase for p in seen][:2] == ["resolving", "downloading"]
+    finally:
+        await model.unload()
+
+
+@pytest.mark.usefixtures("hub_offline")
+async def test_unreachable_hub_is_a_transient_load_error(tmp_path: Path) -> None:
+    with pytest.raises(TransientLoadError):
+        await TransformersEngine().load(
+            LoadSpec(model_id=ModelId("q"), source="Qwen/Qwen2.5-0.5B-Instruct", cache_dir=tmp_path)
+        )
