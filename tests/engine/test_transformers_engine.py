@@ -127,12 +127,12 @@ async def test_greedy_is_deterministic(tiny_model: TransformersModel) -> None:
 
 
 async def test_seed_determinism(tiny_model: TransformersModel) -> None:
-    same = [await collect(tiny_model, chat(temperature=1.0, seed=42, max_tokens=30)) for _ in range(2)]
+    same = [await collect(tiny_model, chat(temperature=1.0, seed=42, max_tokens=12)) for _ in range(2)]
     assert same[0][0] == same[1][0]
     assert same[0][2] == same[1][2]
-    others = {(await collect(tiny_model, chat(temperature=1.0, seed=s, max_tokens=30)))[0] for s in (1, 2, 3)}
+    others = {(await collect(tiny_model, chat(temperature=1.0, seed=s, max_tokens=12)))[0] for s in (1, 2, 3)}
     assert len(others | {same[0][0]}) >= 3, "different seeds should give different samples"
-    unseeded = {(await collect(tiny_model, chat(temperature=1.0, max_tokens=30)))[0] for _ in range(2)}
+    unseeded = {(await collect(tiny_model, chat(temperature=1.0, max_tokens=12)))[0] for _ in range(2)}
     assert len(unseeded) == 2, "without a seed, sampling is random"
 
 
@@ -283,7 +283,7 @@ async def test_abort_from_outside_ends_the_stream(tiny_model: TransformersModel)
 
 
 async def test_concurrent_requests_are_serialised(tiny_model: TransformersModel) -> None:
-    requests = [chat(temperature=1.0, seed=s, max_tokens=25) for s in (11, 12, 13, 14)]
+    requests = [chat(temperature=1.0, seed=s, max_tokens=12) for s in (11, 12, 13)]
     alone = [await collect(tiny_model, r) for r in requests]
     together = await asyncio.gather(*(collect(tiny_model, r) for r in requests))
     assert [t[0] for t in together] == [a[0] for a in alone]
