@@ -4,10 +4,10 @@ Every `interval` an agent bumps its own heartbeat, ticks the failure detector, a
 `fanout` random live (or suspect) peers, plus static/mDNS seed addresses not yet known as live records
 (with backoff), plus now and then one dead peer so that a healed partition converges again:
 
-    A → B  syn   {digest: [[id, gen, ver, hb], ...]}                 A's whole digest
-    B → A  ack   {records: [...], hb: [[i, hb], ...],                what A lacks / is behind on
-                  want_full: [i, ...], want_hb: [i, ...]}            (i indexes A's digest list)
-    A → B  push  {records: [...], heartbeats: [[id, gen, ver, hb]]}  only if B wanted something
+    A → B  syn   {digest: [[id, gen, ver, hb], ...]}    A's whole digest; B takes newer heartbeats from it
+    B → A  ack   {records: [...], hb: [[i, hb], ...],   what A lacks / is behind on (i indexes A's digest)
+                  want_full: [i, ...]}                  records where A has a newer (generation, version)
+    A → B  push  {records: [...]}                       only if B wanted something (i.e. after a change)
 
 Every `full_exchange_every_rounds` one exchange is a `full` one (all records both ways), which repairs
 anything a digest cannot show. Each exchange runs under `asyncio.timeout(gossip_peer_timeout_s)`; a
@@ -350,19 +350,13 @@ class Gossip:
             raise GossipError(f"unexpected reply {str(reply.get('type'))[:40]!r}")
         self._absorb(reply, reply.get("records"), None)
         self._absorb_indexed_heartbeats(reply, syn)
-        records: list[dict[str, object]] = []
-        heartbeats: list[list[object]] = []
-        for key, full_wanted in (("want_full", True), ("want_hb", False)):
-            for i in _int_list(reply.get(key), len(syn)):
-                r = self._view.get(NodeId(str(syn[i][0])))
-                if r is None:
-                    continue
-                if full_wanted:
-                    records.append(node_to_dict(r))
-                else:
-                    heartbeats.append([r.node_id, *order_key(r)])
-        if records or heartbeats:
-            await self._send(addr, self._envelope("push", records=records, heartbeats=heartbeats))
+        records = []
+        for i in _int_list(reply.get("want_full"), len(syn)):
+            r = self._view.get(NodeId(str(syn[i][0])))
+            if r is not None:
+                records.append(node_to_dict(r))
+        if records:
+            await self._send(addr, self._envelope("push", records=records, heartbeats=[]))
 
     def _all_records(self) -> list[dict[str, object]]:
         return [node_to_dict(r) for r in self._view.values()]
@@ -383,8 +377,7 @@ class Gossip:
             ):
                 nid, gen, ver, _ = syn[item[0]]
                 updates.append((nid, gen, ver, item[1]))
-        for nid in apply_heartbeats(self._view, updates):
-            self.detector.observe(self._view[nid], direct=nid == sender)
+        self._apply_heartbeat_updates(updates, sender)
 
     # --- responder ----------------------------------------------------------------------------------
 
@@ -420,7 +413,7 @@ class Gossip:
         sender = msg.get("from") if isinstance(msg.get("from"), str) else None
         if kind == "syn":
             digest = _parse_digest(msg.get("digest"))
-            return self._ack(digest)
+            return self._ack(digest, sender)
         if kind == "push":
             self._absorb(msg, msg.get("records"), sender)
             self._absorb_heartbeats(msg.get("heartbeats"), sender)
@@ -430,25 +423,32 @@ class Gossip:
             return self._envelope("full", records=self._all_records())
         raise CodecError(f"unknown message type {str(kind)[:40]!r}")
 
-    def _ack(self, their: list[tuple[NodeId, DigestEntry]]) -> dict[str, object]:
+    def _ack(self, their: list[tuple[NodeId, DigestEntry]], sender: str | None) -> dict[str, object]:
         their_map = dict(their)
+        # Where only their heartbeat is ahead, their digest entry already is the update: apply it here
+        # instead of asking for it (saves a third message per exchange in the steady state).
+        self._apply_heartbeat_updates(
+            [(nid, g, v, h) for nid, (g, v, h) in their if nid != self.self_id], sender
+        )
         delta = diff(self._view, their_map)
         index = {nid: i for i, (nid, _) in enumerate(their)}
-        want_full: list[int] = []
-        want_hb: list[int] = []
-        for nid in delta.wanted:
-            mine = self._view.get(nid)
-            if mine is not None and their_map[nid][:2] == order_key(mine)[:2]:
-                want_hb.append(index[nid])
-            elif mine is None or their_map[nid][:2] > order_key(mine)[:2]:
-                want_full.append(index[nid])
+        want_full = [
+            index[nid]
+            for nid in delta.wanted
+            if nid not in self._view or their_map[nid][:2] > order_key(self._view[nid])[:2]
+        ]
         return self._envelope(
             "ack",
             records=[node_to_dict(r) for r in delta.records],
             hb=[[index[nid], hb] for nid, _, _, hb in delta.heartbeats],
             want_full=want_full,
-            want_hb=want_hb,
         )
+
+    def _apply_heartbeat_updates(
+        self, updates: list[tuple[NodeId, int, int, int]], sender: str | None
+    ) -> None:
+        for nid in apply_heartbeats(self._view, updates):
+            self.detector.observe(self._view[nid], direct=nid == sender)
 
     def _absorb_heartbeats(self, v: object, sender: str | None) -> None:
         if not isinstance(v, list):
@@ -459,8 +459,7 @@ class Gossip:
             if parsed is not None:
                 nid, (gen, ver, hb) = parsed
                 updates.append((nid, gen, ver, hb))
-        for nid in apply_heartbeats(self._view, updates):
-            self.detector.observe(self._view[nid], direct=nid == sender)
+        self._apply_heartbeat_updates(updates, sender)
 
     def _absorb(self, msg: Mapping[str, Any], records: object, sender: str | None) -> None:
         """Merge the records of a message (bad ones dropped one by one)."""

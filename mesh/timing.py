@@ -20,8 +20,10 @@ GOSSIP_INTERVAL_S = 1.0
 # two in the same round; more mostly adds bytes.
 GOSSIP_FANOUT = 3
 # Every Nth round one of the exchanges is a full one (all records both ways): repairs anything a digest
-# cannot see (e.g. two different records under one (generation, version, heartbeat) after a bug).
-FULL_EXCHANGE_EVERY_ROUNDS = 30
+# cannot see (two different records under one (generation, version, heartbeat), i.e. a bug or a forger).
+# It is a safety net, not the mechanism, and costs ~2 x N records: every 2 minutes keeps it to ~10 % of
+# the gossip traffic at 50 agents (scripts/bench_gossip_sim.py).
+FULL_EXCHANGE_EVERY_ROUNDS = 120
 # Dead (not left) peers are retried this often so a healed partition converges again: mDNS does not
 # re-announce a peer it has already seen, and static peers may be empty.
 RECONNECT_DEAD_EVERY_ROUNDS = 2
