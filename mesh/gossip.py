@@ -204,6 +204,17 @@ class Gossip:
         self._notify(old, new)
         return new
 
+    def set_own(self, record: NodeRecord) -> None:
+        """Adopt an own record built elsewhere (e.g. `Fleet.rebuild` → subscriber), keeping the larger
+        heartbeat so the two heartbeat sources never make it go backwards."""
+        old = self.own
+        if record.node_id != self.self_id or record.key < old.key:
+            raise ValueError("set_own needs this node's record with a (generation, version) not older")
+        new = dataclasses.replace(record, heartbeat=max(record.heartbeat, old.heartbeat))
+        self._view[self.self_id] = new
+        if new.key != old.key:
+            self._notify(old, new)
+
     def beat(self) -> None:
         """Advance the own heartbeat (no new version: heartbeats travel as small digest updates)."""
         own = self.own

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -299,3 +301,16 @@ async def test_http_peer_without_the_key_is_refused():
     assert set(gs[2].view) == {gs[2].self_id}
     assert set(gs[3].view) == {gs[3].self_id}
     assert gs[2].stats.exchanges_failed > 0 and gs[3].stats.exchanges_failed > 0
+
+
+async def test_set_own_adopts_an_external_record_and_keeps_heartbeat_monotone():
+    clock, _, gs = _fleet(2)
+    await _rounds(clock, gs, 4)
+    g = gs[0]
+    hb = g.own.heartbeat
+    g.set_own(dataclasses.replace(g.own, version=g.own.version + 1, heartbeat=0, name="renamed"))
+    assert g.own.name == "renamed" and g.own.heartbeat == hb
+    await _rounds(clock, gs, 2)
+    assert gs[1].view[g.self_id].name == "renamed"
+    with pytest.raises(ValueError):
+        g.set_own(dataclasses.replace(g.own, version=0))
