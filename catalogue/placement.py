@@ -303,12 +303,13 @@ def feasible_on(
     routable: Collection[str] | None = None,
     memory_mb: int | None = None,
 ) -> tuple[str, ...]:
-    """Names of the nodes the entry could run on (honouring `pinned_on`), sorted; with `routable`, only
-    those nodes. This is `feasible_on` of `GET /v1/models`."""
+    """Names of the nodes the entry could run on (honouring `pinned_on`, leaving out draining nodes),
+    sorted; with `routable`, only those nodes. This is `feasible_on` of `GET /v1/models`."""
     names = {
         node.name
         for node in nodes
         if (routable is None or node.node_id in routable)
+        and not node.draining
         and _pinned(entry, node)
         and feasible_devices(entry, node, memory_mb=memory_mb) is not None
     }
