@@ -2,28 +2,97 @@
 
 Runs the real dashboard in a child process on a pseudo-terminal (so Textual renders and writes
 escape codes exactly as it would for an operator), drains its output, and reads the child's CPU time
-with psutil over the measured window. The simulation (the fake source) runs inside the same process,
-so its cost is included: the number is an upper bound for the dashboard alone. Target: < 15 % of one core.
+with psutil over the measured window. Target: < 15 % of one core.
 
-    scripts/bench tui [--seconds 30] [--nodes 50] [--gpus 8] [--size 200x50]
+Sources (`--source`):
+- `http` (default): the dashboard runs as in production, `helexa tui --agent URL`, against a fake agent
+  in another process that serves `/mesh/state` JSON (the simulated fleet advanced one step per poll, so
+  every poll brings a changed document that the dashboard fetches, parses and diffs) and `/mesh/events`.
+  The simulation's cost lands in the fake agent, not in the measured process.
+- `fake`: the in-process simulated source (`--fake-fleet`): no HTTP and no JSON, but the simulation
+  runs inside the measured process.
+
+    scripts/bench tui [--seconds 30] [--nodes 50] [--gpus 8] [--size 200x50] [--source http|fake]
+                      [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
+import json
 import os
 import pty
 import select
+import socket
 import struct
 import sys
 import termios
 import time
+import urllib.request
 from pathlib import Path
 
+import orjson
 import psutil
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tui.source import FakeFleetSource  # noqa: E402
+
+STATES_SERVED = web.AppKey("states_served", list)
+KEEPALIVE_S = 15.0
+
+
+def fake_agent(nodes: int, gpus: int) -> web.Application:
+    """A stand-in agent: `/mesh/state` advances the simulation one step per request; `/mesh/events`
+    announces the joins and then only keeps the stream alive; `/bench/stats` counts the states served."""
+    fake = FakeFleetSource(nodes=nodes, gpus_per_node=gpus, clock=time.time, open_mesh=True)
+    served = [0]
+    app = web.Application()
+    app[STATES_SERVED] = served
+
+    async def state(request: web.Request) -> web.Response:
+        fake.tick()
+        served[0] += 1
+        return web.Response(body=orjson.dumps(fake.wire_state()), content_type="application/json")
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for node in fake.snapshot().nodes:
+            event = {"type": "join", "ts": time.time(), "node": node.name, "message": f"{node.name} joined"}
+            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            await resp.write(b": keep-alive\n\n")
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"states_served": served[0]})
+
+    app.router.add_get("/mesh/state", state)
+    app.router.add_get("/mesh/events", events)
+    app.router.add_get("/bench/stats", stats)
+    return app
+
+
+def serve_fake_agent(sock: socket.socket, nodes: int, gpus: int) -> None:
+    """Child process: serve the fake agent on an already bound socket until killed."""
+
+    async def serve() -> None:
+        runner = web.AppRunner(fake_agent(nodes, gpus), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def states_served(url: str) -> int:
+    with urllib.request.urlopen(url + "/bench/stats", timeout=5) as resp:
+        return int(json.loads(resp.read())["states_served"])
 
 
 def drain(fd: int, until: float) -> int:
@@ -41,6 +110,19 @@ def drain(fd: int, until: float) -> int:
     return total
 
 
+def reap(pid: int, timeout_s: float, fd: int | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if fd is not None:
+            drain(fd, time.monotonic() + 0.1)
+        else:
+            time.sleep(0.05)
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -50,46 +132,73 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--size", default="200x50")
+    parser.add_argument("--source", choices=("http", "fake"), default="http")
+    parser.add_argument("--profile", metavar="FILE", help="run the dashboard under cProfile, stats to FILE")
     args = parser.parse_args()
     cols, rows = (int(v) for v in args.size.split("x"))
 
-    code = f"from tui.app import main; raise SystemExit(main(['--fake-fleet', '{args.nodes}x{args.gpus}']))"
+    agent_pid: int | None = None
+    url = ""
+    if args.source == "http":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        agent_pid = os.fork()
+        if agent_pid == 0:  # child: the fake agent
+            try:
+                serve_fake_agent(sock, args.nodes, args.gpus)
+            finally:
+                os._exit(0)
+        sock.close()
+        tui_args = ["--agent", url]
+    else:
+        tui_args = ["--fake-fleet", f"{args.nodes}x{args.gpus}"]
+
+    call = f"main({tui_args!r})"
+    run = f"from tui.app import main; {call}"
+    if args.profile:
+        stats_path = str(Path(args.profile).resolve())
+        run = f"import cProfile; from tui.app import main; cProfile.run({call!r}, {stats_path!r})"
     pid, fd = pty.fork()
     if pid == 0:  # child: the dashboard
         os.chdir(ROOT)
         env = dict(
             os.environ, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows), PYTHONPATH=str(ROOT)
         )
-        os.execve(sys.executable, [sys.executable, "-c", code], env)
+        os.execve(sys.executable, [sys.executable, "-c", run], env)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     proc = psutil.Process(pid)
+    served0 = served1 = 0
     try:
         drain(fd, time.monotonic() + args.warmup)
+        if url:
+            served0 = states_served(url)
         cpu0 = proc.cpu_times()
         t0 = time.monotonic()
         written = drain(fd, t0 + args.seconds)
         cpu1 = proc.cpu_times()
         wall = time.monotonic() - t0
+        if url:
+            served1 = states_served(url)
         rss_mb = proc.memory_info().rss / 2**20
     finally:
         os.write(fd, b"q")
-        deadline = time.monotonic() + 5
-        reaped = False
-        while not reaped and time.monotonic() < deadline:
-            drain(fd, time.monotonic() + 0.1)
-            reaped = os.waitpid(pid, os.WNOHANG) != (0, 0)
-        if not reaped:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+        reap(pid, 10.0 if args.profile else 5.0, fd)
+        if agent_pid is not None:
+            os.kill(agent_pid, 15)
+            reap(agent_pid, 5.0)
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     share = 100.0 * cpu / wall
-    print(
-        f"fleet: {args.nodes} nodes x {args.gpus} GPUs, every device changing every 0.5 s; "
-        f"terminal {cols}x{rows}"
-    )
+    load1, _, _ = os.getloadavg()
+    if url:
+        feed = f"HTTP /mesh/state, {(served1 - served0) / wall:.2f} changed states parsed per second"
+    else:
+        feed = "in-process simulated source, every device changing every 0.5 s"
+    print(f"fleet: {args.nodes} nodes x {args.gpus} GPUs; {feed}; terminal {cols}x{rows}")
     print(
         f"window: {wall:.1f} s after {args.warmup:.0f} s warm-up; "
-        f"terminal output {written / wall / 1024:.1f} KiB/s"
+        f"terminal output {written / wall / 1024:.1f} KiB/s; machine load average {load1:.1f}"
     )
     print(f"CPU: {cpu:.2f} s = {share:.1f} % of one core (target < 15 %), RSS {rss_mb:.0f} MB")
     return 0 if share < 15.0 else 1

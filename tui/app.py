@@ -89,6 +89,7 @@ class HelexaApp(App[int]):
         self.traffic = TrafficHistory()
         self.needle = ""
         self.show_devices = True
+        self._views_stale = False
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter nodes and models (esc clears)", id="filter")
@@ -112,10 +113,19 @@ class HelexaApp(App[int]):
     # --- incoming data ---
 
     def on_state_updated(self, message: StateUpdated) -> None:
+        # Every state feeds the traffic history; the views are diffed once per burst (states queued
+        # behind a slow paint are coalesced into the newest).
         self.state = message.state
         self.traffic.observe(message.state, self.clock())
-        self.query_one(StatusBar).set_state(message.state)
-        self.refresh_views()
+        if not self._views_stale:
+            self._views_stale = True
+            self.call_later(self._show_state)
+
+    def _show_state(self) -> None:
+        self._views_stale = False
+        if self.state is not None:
+            self.query_one(StatusBar).set_state(self.state)
+            self.refresh_views()
 
     def on_fleet_event_received(self, message: FleetEventReceived) -> None:
         self.query_one(EventLog).add(message.event)

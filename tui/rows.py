@@ -1,11 +1,16 @@
 """Fleet state → table rows (pure). Each row has a stable key, so tables can diff and touch only the
 cells that changed. Row keys: `n:<node>`, `d:<node>:<device>`, `m:<node>:<model>` (topology),
 `c:<model>` (catalogue), `tm:<model>` / `tn:<node>` (traffic).
+
+Topology rows are lazy: a row carries the (frozen) views its cells are made from, and the cells are
+built only when a table needs them. A 50-node fleet has some 550 topology rows, of which a terminal
+shows about 40; comparing views is much cheaper than building cells, so unchanged and off-screen rows
+cost almost nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -14,12 +19,32 @@ from .fleet import DeviceView, FleetState, ModelView, NodeView
 from .traffic import Series, TrafficHistory, sparkline
 
 Cell = str | Text
+Cells = tuple[Cell, ...]
+
+
+def _given(cells: Cells) -> Cells:
+    return cells
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One table row: a stable key, and cells made by `build(*inputs)` when needed.
+
+    Equal `inputs` make equal cells (builders are pure), so tables compare inputs to find changed rows.
+    """
+
     key: str
-    cells: tuple[Cell, ...]
+    build: Callable[..., Cells]
+    inputs: tuple[object, ...]
+
+    @property
+    def cells(self) -> Cells:
+        return self.build(*self.inputs)
+
+    @classmethod
+    def of(cls, key: str, cells: Cells) -> Row:
+        """A row whose cells are already built (small tables)."""
+        return cls(key, _given, (cells,))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,7 +144,7 @@ def matches(needle: str, *haystack: str) -> bool:
     return not needle or any(needle in h.lower() for h in haystack)
 
 
-def _node_row(node: NodeView, now_s: float) -> Row:
+def _node_cells(node: NodeView, up: str) -> Cells:
     total = sum(d.memory_total_mb for d in node.devices)
     used = sum(d.memory_used_mb for d in node.devices)
     utils = [d.utilization for d in node.devices if d.utilization is not None]
@@ -128,42 +153,36 @@ def _node_row(node: NodeView, now_s: float) -> Row:
     tps = sum(m.tokens_per_s or 0.0 for m in node.models)
     liveness = node.liveness + (" drain" if node.draining else "")
     dead = node.liveness in ("dead", "left")
-    return Row(
-        f"n:{node.id}",
-        (
-            Text(node.name, style="bold" if not dead else "bold strike"),
-            f"{node.address}:{node.port}",
-            Text(liveness, style=LIVENESS_STYLE.get(node.liveness, "")),
-            memory_bar(used, total) if total else "",
-            percent(sum(utils) / len(utils)) if utils else "",
-            "",
-            f"{in_flight}/{queued}" if node.models else "",
-            f"{tps:.0f}" if node.models else "",
-            node.agent_version,
-            age(now_s - node.generation / 1000.0) if node.generation else "",
-        ),
+    return (
+        Text(node.name, style="bold" if not dead else "bold strike"),
+        f"{node.address}:{node.port}",
+        Text(liveness, style=LIVENESS_STYLE.get(node.liveness, "")),
+        memory_bar(used, total) if total else "",
+        percent(sum(utils) / len(utils)) if utils else "",
+        "",
+        f"{in_flight}/{queued}" if node.models else "",
+        f"{tps:.0f}" if node.models else "",
+        node.agent_version,
+        up,
     )
 
 
-def _device_row(node: NodeView, d: DeviceView) -> Row:
-    return Row(
-        f"d:{node.id}:{d.name}",
-        (
-            Text(f"  {d.name}", style="dim"),
-            short_gpu(d.model),
-            "",
-            memory_bar(d.memory_used_mb, d.memory_total_mb),
-            percent(d.utilization),
-            temperature(d.temperature_c),
-            "",
-            "",
-            "",
-            "",
-        ),
+def _device_cells(d: DeviceView) -> Cells:
+    return (
+        Text(f"  {d.name}", style="dim"),
+        short_gpu(d.model),
+        "",
+        memory_bar(d.memory_used_mb, d.memory_total_mb),
+        percent(d.utilization),
+        temperature(d.temperature_c),
+        "",
+        "",
+        "",
+        "",
     )
 
 
-def _model_row(node: NodeView, m: ModelView) -> Row:
+def _model_cells(m: ModelView) -> Cells:
     name = Text("  ◆ ", style=STATUS_STYLE.get(m.status, ""))
     name.append(m.id)
     if m.resident:
@@ -171,26 +190,24 @@ def _model_row(node: NodeView, m: ModelView) -> Row:
     where = m.engine + (f" {','.join(m.devices)}" if m.devices else "")
     if m.status == "failed" and m.error:
         where = m.error
-    return Row(
-        f"m:{node.id}:{m.id}",
-        (
-            name,
-            Text(where, style="red") if m.status == "failed" else where,
-            model_status(m),
-            f"{mem_gb(m.memory_mb)}G" if m.memory_mb else "",
-            "",
-            "",
-            f"{m.in_flight}/{m.queued}",
-            f"{m.tokens_per_s:.0f}" if m.tokens_per_s is not None else "",
-            "",
-            "",
-        ),
+    return (
+        name,
+        Text(where, style="red") if m.status == "failed" else where,
+        model_status(m),
+        f"{mem_gb(m.memory_mb)}G" if m.memory_mb else "",
+        "",
+        "",
+        f"{m.in_flight}/{m.queued}",
+        f"{m.tokens_per_s:.0f}" if m.tokens_per_s is not None else "",
+        "",
+        "",
     )
 
 
 def topology_rows(
     state: FleetState, *, now_s: float, needle: str = "", show_devices: bool = True
 ) -> list[Row]:
+    """Nodes, each followed by its devices (unless hidden) and its models; lazy (see the module doc)."""
     rows: list[Row] = []
     needle = needle.lower()
     for node in state.nodes:
@@ -198,10 +215,11 @@ def topology_rows(
         models = [m for m in node.models if node_match or matches(needle, m.id)]
         if not node_match and not models:
             continue
-        rows.append(_node_row(node, now_s))
+        up = age(now_s - node.generation / 1000.0) if node.generation else ""
+        rows.append(Row(f"n:{node.id}", _node_cells, (node, up)))
         if show_devices and node_match:
-            rows.extend(_device_row(node, d) for d in node.devices)
-        rows.extend(_model_row(node, m) for m in models)
+            rows.extend(Row(f"d:{node.id}:{d.name}", _device_cells, (d,)) for d in node.devices)
+        rows.extend(Row(f"m:{node.id}:{m.id}", _model_cells, (m,)) for m in models)
     return rows
 
 
@@ -225,7 +243,7 @@ def catalogue_rows(state: FleetState, *, needle: str = "") -> list[Row]:
             where.append(f" (loading: {_names(loading, 2)})", style="cyan")
         feasible = Text(_names(e.feasible_on)) if e.feasible_on else Text("nowhere", style="red")
         rows.append(
-            Row(
+            Row.of(
                 f"c:{e.id}",
                 (
                     Text(e.id, style="bold") + (Text(" resident", style="dim") if e.resident else ""),
@@ -263,7 +281,7 @@ def _traffic_row(key: str, label: Text, series: Series, estimate: str) -> Row:
     buckets = list(series.buckets)
     ttfts = [b.ttft_s for b in buckets if b.ttft_s is not None]
     last_rps = buckets[-1].requests_per_s if buckets else 0.0
-    return Row(
+    return Row.of(
         key,
         (
             label,

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -262,6 +262,7 @@ class FakeFleetSource:
         self.fail_next: str | None = None  # the next operator call fails with this message
         self._pinned: dict[str, tuple[str, ...]] = {}
         self._nodes: list[_FakeNode] = []
+        self._ticks = 0
         now = clock()
         for i in range(nodes):
             name = _SMALL_NAMES[i] if nodes <= len(_SMALL_NAMES) else f"gpu-{i + 1:02d}"
@@ -393,12 +394,101 @@ class FakeFleetSource:
             catalogue=tuple(catalogue),
         )
 
+    def wire_state(self) -> dict[str, Any]:
+        """The current state as an agent's `GET /mesh/state` JSON document (shape in `mesh.records`).
+
+        For benches and demos that feed the dashboard through HTTP, so that it parses real JSON as it does
+        in production; `parse_state(wire_state())` equals `snapshot()`. Carries the fields a real agent
+        sends that the dashboard ignores (version, heartbeat, engines, uuid, ...) so parsing costs the same.
+        """
+        state = self.snapshot()
+        nodes = [
+            {
+                "id": n.id,
+                "name": n.name,
+                "address": n.address,
+                "port": n.port,
+                "generation": n.generation,
+                "version": self._ticks + 1,
+                "heartbeat": self._ticks,
+                "mesh": state.mesh,
+                "liveness": n.liveness,
+                "agent_version": n.agent_version,
+                "engines": ["mlc", "transformers"],
+                "labels": {},
+                "draining": n.draining,
+                "left": n.liveness == "left",
+                "devices": [
+                    {
+                        "name": d.name,
+                        "kind": d.kind,
+                        "model": d.model,
+                        "uuid": f"GPU-{n.id}-{d.name}" if d.kind == "cuda" else None,
+                        "memory_total_mb": d.memory_total_mb,
+                        "memory_free_mb": d.memory_free_mb,
+                        "utilization": d.utilization,
+                        "temperature_c": d.temperature_c,
+                        "compute_capability": "8.9" if d.kind == "cuda" else None,
+                    }
+                    for d in n.devices
+                ],
+                "models": [
+                    {
+                        "id": m.id,
+                        "status": m.status,
+                        "engine": m.engine,
+                        "devices": list(m.devices),
+                        "memory_mb": m.memory_mb,
+                        "in_flight": m.in_flight,
+                        "queued": m.queued,
+                        "last_used": m.last_used,
+                        "progress": m.progress,
+                        "error": m.error,
+                        "tokens_per_s": m.tokens_per_s,
+                        "resident": m.resident,
+                    }
+                    for m in n.models
+                ],
+            }
+            for n in state.nodes
+        ]
+        names = {n.id: n.name for n in state.nodes}
+        catalogue = [
+            {
+                **e.raw,
+                "pinned_on": list(e.pinned_on),
+                "resident": e.resident,
+                "version": 1,
+                "feasible_on": list(e.feasible_on),
+                "locations": [
+                    {
+                        "node": loc.node,
+                        "node_name": names.get(loc.node, loc.node),
+                        "status": loc.status,
+                        "memory_mb": loc.memory_mb,
+                        "in_flight": loc.in_flight,
+                    }
+                    for loc in e.locations
+                ],
+            }
+            for e in state.catalogue
+        ]
+        return {
+            "mesh": state.mesh,
+            "open": state.open,
+            "self": state.self_id,
+            "agent_version": state.agent_version,
+            "nodes": nodes,
+            "catalogue": catalogue,
+        }
+
     def publish(self) -> None:
         if self._sink is not None:
             self._sink.on_fleet_state(self.snapshot())
 
     def tick(self) -> None:
         """Advance the simulation one step and publish it."""
+        self._ticks += 1
         rng = self._rng
         for node in self._nodes:
             if node.view.liveness != "alive":
