@@ -5,8 +5,11 @@ For each model (the shipped demo model, and a random-weight model shaped like Qw
 the model loaded, and the same loaded model is then driven two ways, alternately (A, B, A, B, ...) so
 machine noise hits both:
 
-  A  direct   `LoadedModel.generate()` in-process
+  A  direct   `LoadedModel.generate()` in-process (through the neuron's reservation wrapper)
   B  HTTP     `POST /v1/completions` with `stream: true` to the agent, read with aiohttp (SSE parsed)
+
+A first section runs the fake engine at 2 ms per token: with no model compute to hide it, it shows the
+agent's own cost per streamed token (HTTP framing, SSE, the aiohttp client parsing in this process).
 
 Both use the same greedy request (same prompt, temperature 0, the same `max_tokens`), so both produce
 the same tokens. Reported per path (medians): time to first token, decode tokens/s (completion tokens
@@ -117,16 +120,31 @@ async def http(session: aiohttp.ClientSession, url: str, model_id: str, max_toke
     return Sample(ttft_s=first - start, total_s=end - start, completion_tokens=tokens, decode_s=last - first)
 
 
-async def bench_model(label: str, source: Path, *, rounds: int, max_tokens: int) -> float:
-    """Benchmark one model directory; prints a table and returns the HTTP/direct tokens/s ratio."""
+async def bench_model(
+    label: str, source: Path | None, *, rounds: int, max_tokens: int, fake_token_s: float = 0.0
+) -> float:
+    """Benchmark one model directory (or, with `source=None`, the fake engine emitting a token every
+    `fake_token_s`: the agent's own per-token cost with no model compute to hide it); prints a table and
+    returns the HTTP/direct tokens/s ratio."""
     model_id = f"bench/{label}"
-    entry = ModelEntry(id=ModelId(model_id), source=str(source), engine="transformers", keep_alive_s=None)
+    engine_for = None
+    if source is None:
+        from engine.fake import FakeEngine
+
+        fake = FakeEngine()
+        engine_for = lambda e, d: fake  # noqa: E731
+        options: dict[str, object] = {"tokens": ["tok"] * max_tokens, "token_delay_s": fake_token_s}
+        entry = ModelEntry(
+            id=ModelId(model_id), source="fake", engine="fake", keep_alive_s=None, options=options
+        )
+    else:
+        entry = ModelEntry(id=ModelId(model_id), source=str(source), engine="transformers", keep_alive_s=None)
     with tempfile.TemporaryDirectory(prefix="helexa-bench-") as tmp:
         config = load_config(
             ["--host", "127.0.0.1", "--port", "0", "--state-dir", tmp, "--log-level", "warning"],
             {"HOME": tmp},
         )
-        app = await build_app(config, catalogue=[entry])
+        app = await build_app(config, catalogue=[entry], engine_for=engine_for)
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -164,6 +182,8 @@ async def bench_model(label: str, source: Path, *, rounds: int, max_tokens: int)
     decode_ratio = med(b, "decode_tps") / med(a, "decode_tps")
     overall_ratio = med(b, "overall_tps") / med(a, "overall_tps")
     ttft_added_ms = (med(b, "ttft_s") - med(a, "ttft_s")) * 1000
+    per_token_ms = (1 / med(b, "decode_tps") - 1 / med(a, "decode_tps")) * 1000
+    print(f"  agent cost per streamed token: {per_token_ms:+.3f} ms")
     verdict = "ok" if min(decode_ratio, overall_ratio) >= TARGET_RATIO else "MISSED"
     print(
         f"  ratio HTTP/direct: decode {decode_ratio:.3f}, overall {overall_ratio:.3f}"
@@ -185,6 +205,9 @@ def qwen_dir() -> Path:
 
 async def main_async(args: argparse.Namespace) -> int:
     ratios: list[float] = []
+    # The floor: the fake engine at 2 ms/token (faster than any real model here) shows what the agent's
+    # HTTP path itself costs per token, without model compute noise.
+    await bench_model("fake-2ms", None, rounds=max(args.rounds, 10), max_tokens=64, fake_token_s=0.002)
     if args.model_dir:
         ratios.append(
             await bench_model("model", Path(args.model_dir), rounds=args.rounds, max_tokens=args.max_tokens)
