@@ -110,3 +110,38 @@ def test_nvml_devices_are_reported() -> None:
     assert hw.probe().significantly_differs(snap)
     hw.shutdown()
     assert nvml.shutdowns == 1
+
+
+async def test_sampler_reports_significant_changes_only() -> None:
+    import asyncio
+
+    nvml = _FakeNvml([20 * 1024**3])
+    hw = Hardware(nvml=nvml)
+    hw.probe()
+    changes: list[int] = []
+    task = asyncio.create_task(
+        hw.run_sampler(lambda s: changes.append(s.devices[0].memory_free_mb), interval_s=0.01)
+    )
+    try:
+        await asyncio.sleep(0.1)
+        assert changes == []  # nothing moved
+        nvml.free[0] -= 4 * 1024**3  # a model was loaded
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if changes:
+                break
+        assert changes == [16 * 1024]
+    finally:
+        task.cancel()
+
+
+def test_nvml_failing_after_start_keeps_the_last_sample() -> None:
+    nvml = _FakeNvml([20 * 1024**3])
+    hw = Hardware(nvml=nvml)
+    first = hw.probe()
+
+    def broken(h: int) -> None:
+        raise RuntimeError("GPU is lost")
+
+    nvml.nvmlDeviceGetMemoryInfo = broken  # type: ignore[method-assign,assignment]
+    assert hw.probe() == first
