@@ -18,16 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "agent":
-        from . import agent
+        from .agent import main as agent_main
 
-        return agent.main(rest)
+        return agent_main(rest)
     if command == "tui":
-        from tui import app
+        from tui.app import main as tui_main
 
-        return app.main(rest)
-    from . import ops
+        return tui_main(rest)
+    from .ops import main as ops_main
 
-    return ops.main(args)
+    return ops_main(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
