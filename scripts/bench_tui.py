@@ -9,11 +9,12 @@ Sources (`--source`):
   in another process that serves `/mesh/state` JSON (the simulated fleet advanced one step per poll, so
   every poll brings a changed document that the dashboard fetches, parses and diffs) and `/mesh/events`.
   The simulation's cost lands in the fake agent, not in the measured process.
+- `http --frozen`: the same, but the fleet never changes: the floor (polling, no parse, no paint).
 - `fake`: the in-process simulated source (`--fake-fleet`): no HTTP and no JSON, but the simulation
   runs inside the measured process.
 
     scripts/bench tui [--seconds 30] [--nodes 50] [--gpus 8] [--size 200x50] [--source http|fake]
-                      [--profile FILE]
+                      [--frozen] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -33,56 +34,22 @@ import time
 import urllib.request
 from pathlib import Path
 
-import orjson
 import psutil
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tui.fake_agent import fake_agent_app  # noqa: E402
 from tui.source import FakeFleetSource  # noqa: E402
 
-STATES_SERVED = web.AppKey("states_served", list)
-KEEPALIVE_S = 15.0
 
-
-def fake_agent(nodes: int, gpus: int) -> web.Application:
-    """A stand-in agent: `/mesh/state` advances the simulation one step per request; `/mesh/events`
-    announces the joins and then only keeps the stream alive; `/bench/stats` counts the states served."""
-    fake = FakeFleetSource(nodes=nodes, gpus_per_node=gpus, clock=time.time, open_mesh=True)
-    served = [0]
-    app = web.Application()
-    app[STATES_SERVED] = served
-
-    async def state(request: web.Request) -> web.Response:
-        fake.tick()
-        served[0] += 1
-        return web.Response(body=orjson.dumps(fake.wire_state()), content_type="application/json")
-
-    async def events(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for node in fake.snapshot().nodes:
-            event = {"type": "join", "ts": time.time(), "node": node.name, "message": f"{node.name} joined"}
-            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
-        while True:
-            await asyncio.sleep(KEEPALIVE_S)
-            await resp.write(b": keep-alive\n\n")
-
-    async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"states_served": served[0]})
-
-    app.router.add_get("/mesh/state", state)
-    app.router.add_get("/mesh/events", events)
-    app.router.add_get("/bench/stats", stats)
-    return app
-
-
-def serve_fake_agent(sock: socket.socket, nodes: int, gpus: int) -> None:
+def serve_fake_agent(sock: socket.socket, nodes: int, gpus: int, *, frozen: bool) -> None:
     """Child process: serve the fake agent on an already bound socket until killed."""
+    fake = FakeFleetSource(nodes=nodes, gpus_per_node=gpus, clock=time.time, open_mesh=True)
 
     async def serve() -> None:
-        runner = web.AppRunner(fake_agent(nodes, gpus), access_log=None)
+        runner = web.AppRunner(fake_agent_app(fake, tick_per_poll=not frozen), access_log=None)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         await asyncio.Event().wait()
@@ -133,6 +100,9 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--size", default="200x50")
     parser.add_argument("--source", choices=("http", "fake"), default="http")
+    parser.add_argument(
+        "--frozen", action="store_true", help="http source that never changes: the idle floor (polling only)"
+    )
     parser.add_argument("--profile", metavar="FILE", help="run the dashboard under cProfile, stats to FILE")
     args = parser.parse_args()
     cols, rows = (int(v) for v in args.size.split("x"))
@@ -147,7 +117,7 @@ def main() -> int:
         agent_pid = os.fork()
         if agent_pid == 0:  # child: the fake agent
             try:
-                serve_fake_agent(sock, args.nodes, args.gpus)
+                serve_fake_agent(sock, args.nodes, args.gpus, frozen=args.frozen)
             finally:
                 os._exit(0)
         sock.close()
@@ -192,7 +162,8 @@ def main() -> int:
     share = 100.0 * cpu / wall
     load1, _, _ = os.getloadavg()
     if url:
-        feed = f"HTTP /mesh/state, {(served1 - served0) / wall:.2f} changed states parsed per second"
+        what = "unchanged states (not parsed)" if args.frozen else "changed states parsed"
+        feed = f"HTTP /mesh/state, {(served1 - served0) / wall:.2f} {what} per second"
     else:
         feed = "in-process simulated source, every device changing every 0.5 s"
     print(f"fleet: {args.nodes} nodes x {args.gpus} GPUs; {feed}; terminal {cols}x{rows}")

@@ -233,3 +233,29 @@ async def test_only_changed_cells_are_written() -> None:
         written = table.cells_updated - cells
         assert table.rebuilds == rebuilds
         assert 0 < written < len(table.rows) * len(table.columns) / 2
+
+
+async def test_a_burst_of_states_is_diffed_once_and_every_state_is_counted() -> None:
+    fake = FakeFleetSource(nodes=4, gpus_per_node=2)
+    app = make_app(fake)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        shown = []
+        refresh_views = app.refresh_views
+
+        def counting_refresh_views() -> None:
+            shown.append(app.state)
+            refresh_views()
+
+        app.refresh_views = counting_refresh_views  # type: ignore[method-assign]
+        series = next(iter(app.traffic.models.values()))
+        samples = series.current.n
+        for _ in range(3):  # three states queued before the app gets to run
+            fake.tick()
+        await pilot.pause()
+        assert shown == [fake.snapshot()]  # one diff, of the newest state
+        assert series.current.n == samples + 3  # the traffic history saw all three
+        table = app.query_one(TopologyTable)
+        utilization = fake.snapshot().nodes[0].devices[0].utilization
+        assert utilization is not None
+        assert str(table.get_cell("d:node-000:cuda:0", "util")) == f"{utilization * 100:.0f}%"

@@ -14,7 +14,9 @@ re-renders the changed cells only, and only the changed lines on screen are repa
 into `DataTable`'s private caches (textual 8.x); `tests/tui/test_diff_table.py` checks that what is
 painted matches what was written, so a textual change that breaks the scheme fails there.
 
-Rows are one line high (the row index is the line).
+Strings are stored as plain `Text`: never parsed as Rich markup (agent-supplied names, versions and
+errors may contain brackets), and markup parsing on every repaint was a measurable cost. Rows are one
+line high (the row index is the line).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from rich.style import Style
+from rich.text import Text
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widgets import DataTable
@@ -33,6 +37,11 @@ from ..rows import Cell, Cells, Column, Row
 SCREEN_MARGIN_ROWS = 2
 
 
+def shown_as(cell: Cell) -> Text:
+    """What the table stores for a cell: strings as plain text, exactly as `DataTable` lays them out."""
+    return Text(cell, no_wrap=True, end="") if isinstance(cell, str) else cell
+
+
 class DiffTable(DataTable[Cell]):
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
 
@@ -42,6 +51,7 @@ class DiffTable(DataTable[Cell]):
         self._inputs: dict[str, tuple[object, ...]] = {}  # the newest inputs, shown or pending
         self._pending: dict[str, Row] = {}  # changed off-screen rows, built when needed
         self._order: list[str] = []
+        self._paint_style: Style | None = None  # the widget's style while a paint is in progress
         self._column_keys = tuple(ColumnKey(c.key) for c in self.COLUMNS)
         self.cells_updated = 0  # for tests and the bench: how much work updates cost
         self.rebuilds = 0
@@ -75,7 +85,7 @@ class DiffTable(DataTable[Cell]):
         for row in rows:
             cells = row.cells
             self._shown[row.key] = cells
-            self.add_row(*cells, key=row.key, height=1)
+            self.add_row(*map(shown_as, cells), key=row.key, height=1)
         self._order = keys
         self._inputs = {r.key: r.inputs for r in rows}
         self.rebuilds += 1
@@ -123,7 +133,7 @@ class DiffTable(DataTable[Cell]):
         columns: set[ColumnKey] = set()
         for column_key, before, after in zip(self._column_keys, old, cells, strict=True):
             if before != after:
-                row_data[column_key] = after
+                row_data[column_key] = shown_as(after)
                 columns.add(column_key)
         self._shown[key] = cells
         changed[row_key] = columns
@@ -146,7 +156,22 @@ class DiffTable(DataTable[Cell]):
             first, last = self._screen_rows()
             order = self._order
             self._build_pending([order[i] for i in range(max(0, first), min(len(order), last))])
-        return super().render_lines(crop)
+        # `rich_style` walks every ancestor's CSS; `DataTable.render_line` asks for it once per line.
+        self._paint_style = self.rich_style
+        try:
+            return super().render_lines(crop)
+        finally:
+            self._paint_style = None
+
+    def render_line(self, y: int) -> Strip:
+        """`DataTable.render_line` (no fixed rows here) with the widget style computed once per paint."""
+        style = self._paint_style
+        if style is None or self.fixed_rows:
+            return super().render_line(y)
+        scroll_x, scroll_y = self.scroll_offset
+        if y >= (self.header_height if self.show_header else 0):
+            y += scroll_y
+        return self._render_line(y, scroll_x, scroll_x + self.size.width, style)
 
     def get_row(self, row_key: RowKey | str) -> list[Cell]:
         """The row's cells, up to date (a pending row is built first)."""
