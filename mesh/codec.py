@@ -92,6 +92,8 @@ def model_to_dict(m: ModelRecord) -> dict[str, object]:
         "error": m.error,
         "tokens_per_s": m.tokens_per_s,
         "resident": m.resident,
+        "requests_total": m.requests_total,
+        "ttft_s": m.ttft_s,
     }
 
 
@@ -280,6 +282,8 @@ def model_from_dict(v: object, what: str = "model") -> ModelRecord:
         error=_opt_str(d, "error", what, max_chars=MAX_TEXT_CHARS),
         tokens_per_s=_float(d, "tokens_per_s", what, lo=0.0, hi=1e9),
         resident=_bool(d, "resident", what),
+        requests_total=_int(d, "requests_total", what, required=False),
+        ttft_s=_float(d, "ttft_s", what, lo=0.0, hi=1e6),
     )
 
 

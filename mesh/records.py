@@ -80,6 +80,8 @@ class ModelRecord:
     error: str | None = None  # set when failed
     tokens_per_s: float | None = None  # recent decode rate
     resident: bool = False
+    requests_total: int = 0  # requests served by this load (counter, for the dashboard)
+    ttft_s: float | None = None  # recent average time to first token (s), when known
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
