@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 import uuid
 
 import pytest
@@ -120,3 +121,43 @@ def test_cleanup_removes_everything():
         raise RuntimeError("a test failed inside the lab")
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not any(n in listed for n in names)
+
+
+_SERVE = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = sys.argv[2].encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+s = http.server.HTTPServer((sys.argv[1], 8080), H)
+print("ready", flush=True)
+s.serve_forever()
+"""
+
+
+def test_host_link_puts_this_process_on_the_lan():
+    why = netns.available()
+    if why is not None:
+        pytest.fail(f"netns lab unavailable: {why}")
+    with netns.NetnsLab(2, host_link=True) as lab:
+        host_if = lab.host_if
+        assert lab.subnet.startswith("10.77.") and lab.host_address == f"{lab.subnet}.254"
+        token = uuid.uuid4().hex
+        server = lab.popen(
+            1, [sys.executable, "-c", _SERVE, "0.0.0.0", token], stdout=subprocess.PIPE, text=True
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        url = f"http://{lab.address(1)}:8080/"
+        with urllib.request.urlopen(url, timeout=5) as r:  # from the root namespace, over the bridge
+            assert r.read().decode() == token
+        lab.cut(1)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=1)
+        lab.heal(1)
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.read().decode() == token
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    assert host_if not in links and f"{lab.subnet}." not in routes
