@@ -7,11 +7,15 @@ Start-up order (LESSONS: loading before binding made hosts look down for minutes
 3. off the event loop: node identity, a first hardware sample, the catalogue (`ensure_catalogue`, then
    `load_catalogue`; problems are warnings, never fatal);
 4. build the aiohttp application (error middleware, the OpenAI routes, typed app state) and serve it;
-5. in the background (`cleanup_ctx`): the hardware sampler, the keep-alive reaper, preloads.
+5. in the background (`cleanup_ctx`): the hardware sampler, the keep-alive reaper, and the mesh
+   (`mesh.runtime.MeshRuntime`: gossip, mDNS discovery, the event bus, preloads placed on one node).
 
-SIGINT/SIGTERM stop admitting work, run the drain hook (`Agent.drain`, bounded by `drain_timeout_s`;
-the mesh adds a graceful leave there) and exit. Heavy libraries (torch) are imported only when a model
-loads, so an idle agent stays small and starts in well under two seconds.
+The app serves the OpenAI routes (`mesh.server`), the peer API (`mesh.peer_api`, HMAC-checked with a mesh
+key), the operator and fleet API (`mesh.operator_api`) and forwards remote decisions (`mesh.forwarding`).
+
+SIGINT/SIGTERM stop admitting work, run the drain hooks (`Agent.drain`, bounded by `drain_timeout_s`;
+the mesh's graceful leave is one: peers mark this node `left` at once) and exit. Heavy libraries (torch)
+are imported only when a model loads, so an idle agent stays small and starts in well under two seconds.
 
 `build_app(config, engine_for=...)` assembles the same application for tests (with the fake engine).
 """
@@ -44,6 +48,7 @@ from .identity import Identity, load_identity
 from .metrics import Metrics
 from .neuron import EngineFactory, HardwareDevices, Neuron, NeuronTiming
 from .records import DeviceRecord, NodeRecord
+from .runtime import LocalCatalogue, MeshOptions, MeshRuntime
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class Agent:
     fleet: Fleet
     cortex: MeshCortex
     catalogue: CatalogueView
+    mesh: MeshRuntime
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
     # Hooks run (in order) when the agent starts draining; the mesh adds its graceful leave here.
@@ -199,9 +205,11 @@ async def build_agent(
     catalogue: Sequence[ModelEntry] | None = None,
     port: int | None = None,
     neuron_timing: NeuronTiming | None = None,
+    mesh_options: MeshOptions | None = None,
 ) -> Agent:
     """Assemble the agent's parts. Blocking reads (identity, first hardware sample, catalogue) run in
-    worker threads. `catalogue` replaces reading the catalogue file (tests)."""
+    worker threads. `catalogue` replaces reading the catalogue file (tests; catalogue edits then stay
+    in memory)."""
     identity = await asyncio.to_thread(load_identity, config.state_dir)
     hw = hardware or Hardware()
     snapshot: HardwareSnapshot = await hw.sample()
@@ -232,15 +240,29 @@ async def build_agent(
         devices=snapshot.devices,
         catalogue=catalogue_dicts(entries),
     )
+    local = LocalCatalogue(entries, path=config.catalogue_path if catalogue is None else None)
     fleet = Fleet(
         initial=record,
         models=neuron.records,
         devices=lambda: HardwareDevices(hw).devices(),
-        catalogue=lambda: catalogue_dicts(view.entries),
+        catalogue=local.records,
     )
     neuron.on_change.append(fleet.mark_changed)
     cortex = MeshCortex(fleet=fleet, neuron=neuron, catalogue=view)
-    return Agent(
+    mesh = MeshRuntime(
+        own=fleet.self_record,
+        fleet=fleet,
+        neuron=neuron,
+        cortex=cortex,
+        view=view,
+        local=local,
+        metrics=metrics,
+        mesh_key=config.mesh_key,
+        static_peers=config.peers,
+        mdns=config.mdns,
+        options=mesh_options,
+    )
+    agent = Agent(
         config=config,
         identity=identity,
         hardware=hw,
@@ -249,7 +271,10 @@ async def build_agent(
         fleet=fleet,
         cortex=cortex,
         catalogue=view,
+        mesh=mesh,
     )
+    agent.drain_hooks.append(mesh.leave)
+    return agent
 
 
 def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
@@ -265,16 +290,27 @@ def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
 
 def make_app(agent: Agent) -> web.Application:
     """The aiohttp application over an assembled agent: routes, middleware, state, background tasks."""
+    from .auth import peer_auth_middleware
+    from .forwarding import Forwarder
+    from .operator_api import add_operator_routes
+    from .peer_api import add_peer_routes
     from .server import add_openai_routes, error_middleware
 
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[peer_auth_middleware(agent.mesh.auth), error_middleware],
+        client_max_size=16 * 1024 * 1024,
+    )
     app[AGENT] = agent
     app[appkeys.CORTEX] = agent.cortex
     app[appkeys.METRICS] = agent.metrics
     app[appkeys.NODE_NAME] = agent.config.name
     app[appkeys.HEALTH] = agent.health
     app[appkeys.API_KEYS] = agent.config.api_keys
+    forwarder: appkeys.Forwarder = Forwarder(runtime=agent.mesh, fleet=agent.fleet, cortex=agent.cortex)
+    app[appkeys.FORWARDER] = forwarder
     add_openai_routes(app)
+    add_peer_routes(app, agent)
+    add_operator_routes(app, agent)
     app.cleanup_ctx.append(_background)
     return app
 
@@ -292,10 +328,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(agent.hardware.run_sampler(on_hardware), name="hardware sampler"),
         asyncio.create_task(agent.neuron.run_reaper(), name="keep-alive reaper"),
-        asyncio.create_task(agent.neuron.preload(agent.catalogue.entries), name="preload"),
     ]
     try:
-        yield
+        async with agent.mesh.running(advertise_address=agent.fleet.self_record.address):
+            yield
     finally:
         for task in tasks:
             task.cancel()
@@ -314,6 +350,8 @@ async def build_app(
     hardware: Hardware | None = None,
     catalogue: Sequence[ModelEntry] | None = None,
     neuron_timing: NeuronTiming | None = None,
+    port: int | None = None,
+    mesh_options: MeshOptions | None = None,
 ) -> web.Application:
     """Assemble an agent and its application (for tests: pass the fake engine as `engine_for`)."""
     agent = await build_agent(
@@ -323,6 +361,8 @@ async def build_app(
         hardware=hardware,
         catalogue=catalogue,
         neuron_timing=neuron_timing,
+        port=port,
+        mesh_options=mesh_options,
     )
     return make_app(agent)
 

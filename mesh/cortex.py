@@ -70,6 +70,7 @@ class _Local:
 
     entry: ModelEntry
     neuron: Neuron
+    cold: bool = False
 
     def acquire(self) -> AbstractAsyncContextManager[LoadedModel]:
         return self.neuron.acquire(self.entry)
@@ -104,7 +105,7 @@ class MeshCortex:
         entry = self.resolve(model_name)
         me = self.fleet.self_record
         if forwarded:
-            return _Local(entry=entry, neuron=self.neuron)
+            return _Local(entry=entry, neuron=self.neuron, cold=self.neuron.status(entry.id) != "loaded")
         nodes = self.fleet.routable_nodes()
 
         # 1. Loaded somewhere: the least busy, this node first on ties, then by node id.
@@ -126,7 +127,7 @@ class MeshCortex:
             )
 
         # 3. In the catalogue: place it.
-        candidates = self._place(entry, nodes)
+        candidates = self.place(entry, nodes)
         if not candidates:
             raise errors.ModelUnavailable(
                 self._infeasible_reason(entry, nodes), reason="infeasible", retry_after_s=None
@@ -137,10 +138,11 @@ class MeshCortex:
         self, entry: ModelEntry, node: NodeRecord, *, cold: bool, candidates: tuple[NodeRecord, ...] = ()
     ) -> Decision:
         if node.node_id == self.fleet.node_id:
-            return _Local(entry=entry, neuron=self.neuron)
+            return _Local(entry=entry, neuron=self.neuron, cold=cold)
         return RemoteDecision(entry=entry, node=node, cold=cold, candidates=candidates)
 
-    def _place(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
+    def place(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
+        """Nodes to ask to load `entry`, best first (`catalogue.placement.place`; deterministic)."""
         by_id = {n.node_id: n for n in nodes}
         return [by_id[NodeId(i)] for i in placement.place(entry, nodes, routable=by_id.keys()) if i in by_id]
 

@@ -73,6 +73,14 @@ STRUCTURAL_RETRY_BACKOFF_S = 60.0
 REAPER_INTERVAL_S = 1.0
 # Bound on unloading one model at shutdown (a wedged engine must not hold the exit forever).
 UNLOAD_TIMEOUT_S = 10.0
+# Weight of the newest sample in the published recent-average time to first token.
+TTFT_SMOOTHING = 0.3
+
+# Error codes of this node's refusals: the model cannot run here or does not fit now, or the node is
+# shutting down. An entry agent that forwarded a cold request here tries its next candidate on these.
+NO_ROOM_CODE = "no_room"
+DRAINING_CODE = "node_draining"
+REFUSAL_CODES = frozenset({NO_ROOM_CODE, DRAINING_CODE})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,6 +141,8 @@ class _Slot:
     retry_at_mono: float = 0.0
     consecutive_failures: int = 0
     tokens_per_s: float | None = None
+    requests_total: int = 0
+    ttft_s: float | None = None
     loaded_at: float = 0.0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -150,6 +160,8 @@ class _Slot:
             error=self.error,
             tokens_per_s=self.tokens_per_s,
             resident=self.entry.resident,
+            requests_total=self.requests_total,
+            ttft_s=self.ttft_s,
         )
 
 
@@ -252,7 +264,10 @@ class Neuron:
             while True:
                 if self._closing:
                     raise errors.ModelUnavailable(
-                        "this agent is shutting down", reason="draining", retry_after_s=1.0
+                        "this agent is shutting down",
+                        reason="draining",
+                        retry_after_s=1.0,
+                        code=DRAINING_CODE,
                     )
                 async with self._lock:
                     # Re-check under the lock: another caller may have started or finished a load.
@@ -262,6 +277,7 @@ class Neuron:
                             slot.entry = entry  # newer catalogue settings (keep_alive, resident)
                         if hold:
                             slot.in_flight += 1
+                            slot.requests_total += 1
                             slot.idle.clear()
                         slot.last_used = time.time()
                         slot.last_used_mono = time.monotonic()
@@ -380,7 +396,9 @@ class Neuron:
         if self._closing or self._slots.get(entry.id) is not slot:
             # Shut down (or superseded) while loading: do not keep it.
             await self._unload_model(model, entry.id)
-            raise errors.ModelUnavailable("this agent is shutting down", reason="draining")
+            raise errors.ModelUnavailable(
+                "this agent is shutting down", reason="draining", code=DRAINING_CODE
+            )
         slot.model = model
         slot.status = "loaded"
         slot.load_task = None
@@ -514,6 +532,7 @@ class Neuron:
                     f"The model '{entry.id}' cannot run on this node: {reason}",
                     reason="infeasible",
                     retry_after_s=None,
+                    code=NO_ROOM_CODE,
                 )
             victims = placement.eviction_plan(entry, node, now=time.time())
             if not victims:
@@ -524,6 +543,7 @@ class Neuron:
                     reason="insufficient_memory",
                     # Waiting helps when busy models may become idle (and evictable).
                     retry_after_s=5.0 if busy else None,
+                    code=NO_ROOM_CODE,
                 )
             victim_slots = [self._slots[v] for v in victims if v in self._slots]
             for victim in victim_slots:
@@ -545,6 +565,7 @@ class Neuron:
                 f" ({_describe(node.devices)})",
                 reason="insufficient_memory",
                 retry_after_s=5.0,
+                code=NO_ROOM_CODE,
             )
         return _by_name(node.devices, chosen)
 
@@ -674,6 +695,12 @@ class Neuron:
             if self._metrics is not None:
                 self._metrics.model_unloaded(model=slot.entry.id)
 
+    def _record_ttft(self, slot: _Slot, seconds: float) -> None:
+        # A smoothed recent average (published; the dashboard shows it).
+        slot.ttft_s = (
+            seconds if slot.ttft_s is None else (1 - TTFT_SMOOTHING) * slot.ttft_s + TTFT_SMOOTHING * seconds
+        )
+
     def _record_rate(self, slot: _Slot, completion_tokens: int, decode_s: float) -> None:
         if completion_tokens < 2 or decode_s <= 0:
             return
@@ -760,11 +787,13 @@ class _Guarded:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         first_at: float | None = None
+        started = time.monotonic()
         stream = self._model.generate(request)
         try:
             async for event in stream:
                 if first_at is None:
                     first_at = time.monotonic()
+                    self._neuron._record_ttft(self._slot, first_at - started)
                 if isinstance(event, Final) and first_at is not None:
                     self._neuron._record_rate(
                         self._slot, event.usage.completion_tokens, time.monotonic() - first_at

@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -117,16 +117,22 @@ async def forward(
     connect_timeout_s: float = PROXY_CONNECT_TIMEOUT_S,
     stall_timeout_s: float = PROXY_STALL_TIMEOUT_S,
     refuse_statuses: Collection[int] = (),
+    extra_headers: Mapping[str, str] | None = None,
+    on_failure: Callable[[str], None] | None = None,
 ) -> web.StreamResponse:
     """Forward `request` (its `body` if already read) to `target` and stream the reply back.
 
     Returns the prepared response (the caller returns it from its handler). Raises `ProxyError`
-    subclasses only while nothing has been sent to the client.
+    subclasses only while nothing has been sent to the client. `extra_headers` are added to the upstream
+    request; `on_failure(reason)` is called when the peer fails after the response began (the caller
+    can take it out of routing at once).
     """
     if body is None:
         body = await request.read()
     path_qs = path or request.raw_path
     headers = _upstream_headers(request)
+    if extra_headers:
+        headers.update(extra_headers)
     if auth is not None:
         headers.update(auth.sign(request.method, path_qs, body))
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=stall_timeout_s)
@@ -151,7 +157,7 @@ async def forward(
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise PeerFailed(target, f"failed while refusing: {type(e).__name__}") from e
             raise PeerRefused(target, upstream.status, data, upstream.headers)
-        return await _stream_back(request, upstream, target)
+        return await _stream_back(request, upstream, target, on_failure)
     finally:
         # On every exit (done, client gone, cancelled, peer died) the upstream connection is closed or
         # released. Closing an unfinished response drops the connection, which cancels the peer's work.
@@ -160,7 +166,10 @@ async def forward(
 
 
 async def _stream_back(
-    request: web.Request, upstream: aiohttp.ClientResponse, target: PeerAddr
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    target: PeerAddr,
+    on_failure: Callable[[str], None] | None = None,
 ) -> web.StreamResponse:
     sse = _is_sse(upstream)
     out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -182,6 +191,11 @@ async def _stream_back(
             break
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             reason = "stalled" if isinstance(e, TimeoutError) else type(e).__name__
+            if on_failure is not None:
+                try:
+                    on_failure(reason)
+                except Exception:
+                    log.exception("on_failure callback failed")
             return await _peer_died(request, out, sse, target, reason)
         try:
             await out.write(chunk)

@@ -64,6 +64,11 @@ class LocalDecision(Protocol):
     @property
     def entry(self) -> ModelEntry: ...
 
+    @property
+    def cold(self) -> bool:
+        """True when the model is not loaded here yet (the TTFT metric's `cold` label)."""
+        ...
+
     def acquire(self) -> AbstractAsyncContextManager[LoadedModel]: ...
 
 

@@ -49,7 +49,16 @@ from engine.base import (
 from engine.errors import EngineError
 
 from . import protocol, sse
-from .appkeys import API_KEYS, CORTEX, FORWARDER, HEALTH, KEEPALIVE_INTERVAL_S, METRICS, NODE_NAME
+from .appkeys import (
+    API_KEYS,
+    CLIENT_AUTHORIZED,
+    CORTEX,
+    FORWARDER,
+    HEALTH,
+    KEEPALIVE_INTERVAL_S,
+    METRICS,
+    NODE_NAME,
+)
 from .errors import (
     HelexaError,
     InternalError,
@@ -178,7 +187,7 @@ def _json(body: bytes, status: int = 200) -> web.Response:
 def _authorize(request: web.Request) -> None:
     """Check `Authorization: Bearer <key>` against the configured client keys (constant time)."""
     keys = request.app.get(API_KEYS)
-    if not keys:
+    if not keys or request.get(CLIENT_AUTHORIZED, False):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
