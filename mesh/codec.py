@@ -7,6 +7,13 @@ gossip handler can drop the record (or the message) and carry on.
 
 The node dict is the one `GET /mesh/state` shows (see `mesh.records`), keyed `"id"` for the node id, plus
 `"mesh"`, `"left"` and `"catalogue"` on the wire. `state_to_json` builds the whole `/mesh/state` document.
+
+Compact gossip digests (`mesh.gossip`) carry vectors of integers as one short string (`encode_ints` /
+`decode_ints`): each value zigzag-encoded (sign folded in) and written 5 bits per character, least
+significant group first, in the URL-safe base64 alphabet; the first 32 characters end a value, the last 32
+continue it. A value in -16..15 is one character, -512..511 two, with no separators and nothing JSON has
+to escape. This is what makes a heartbeat vector for 100 nodes ~100-200 bytes instead of ~6 KB of
+`[id, generation, version, heartbeat]` lists.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from .records import DeviceKind, DeviceRecord, Liveness, ModelRecord, ModelStatu
 
 __all__ = [
     "CodecError",
+    "decode_ints",
     "decode_json",
     "device_from_dict",
     "device_to_dict",
     "dumps",
+    "encode_ints",
     "model_from_dict",
     "model_to_dict",
     "node_from_dict",
@@ -338,6 +347,60 @@ def node_from_dict(v: object, what: str = "node") -> NodeRecord:
             _catalogue_entry,
         ),
     )
+
+
+# --- compact integer vectors ------------------------------------------------------------------------
+
+_INT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_END = _INT_ALPHABET[:32]  # last 5-bit group of a value
+_MORE = _INT_ALPHABET[32:]  # a 5-bit group with more to follow
+_CHAR_GROUP: dict[str, tuple[int, bool]] = {c: (i % 32, i >= 32) for i, c in enumerate(_INT_ALPHABET)}
+MAX_CHARS_PER_INT = 13  # 65 bits: every zigzagged int64
+MIN_INT = -MAX_INT - 1
+
+
+def encode_ints(values: Iterable[int]) -> str:
+    """Signed int64 values as one string (zigzag, 5 bits per character, see the module docstring)."""
+    out: list[str] = []
+    for v in values:
+        z = v << 1 if v >= 0 else (-v << 1) - 1
+        while z >= 32:
+            out.append(_MORE[z & 31])
+            z >>= 5
+        out.append(_END[z])
+    return "".join(out)
+
+
+def decode_ints(v: object, count: int, what: str, *, lo: int = MIN_INT, hi: int = MAX_INT) -> list[int]:
+    """Exactly `count` values from `encode_ints`' string, each within [lo, hi]; `CodecError` otherwise."""
+    if not isinstance(v, str):
+        raise CodecError(f"{what}: expected a string, got {type(v).__name__}")
+    if len(v) > count * MAX_CHARS_PER_INT:
+        raise CodecError(f"{what}: longer than {count} values can be")
+    out: list[int] = []
+    z = shift = chars = 0
+    for c in v:
+        group = _CHAR_GROUP.get(c)
+        if group is None:
+            raise CodecError(f"{what}: bad character {c!r}")
+        digit, more = group
+        z |= digit << shift
+        chars += 1
+        if chars > MAX_CHARS_PER_INT:
+            raise CodecError(f"{what}: value longer than {MAX_CHARS_PER_INT} characters")
+        if more:
+            shift += 5
+            continue
+        value = z >> 1 if not z & 1 else -((z + 1) >> 1)
+        if not lo <= value <= hi:
+            raise CodecError(f"{what}[{len(out)}]: {value} outside [{lo}, {hi}]")
+        out.append(value)
+        z = shift = chars = 0
+    if chars:
+        raise CodecError(f"{what}: ends inside a value")
+    if len(out) != count:
+        raise CodecError(f"{what}: {len(out)} values, expected {count}")
+    return out
 
 
 # --- /mesh/state ------------------------------------------------------------------------------------

@@ -10,11 +10,18 @@ commutative, associative and idempotent whatever peers send.
 Digest: node id → (generation, version, heartbeat). `diff(mine, their_digest)` says what to send them
 (full records where they lack the (generation, version), heartbeat-only updates where only the heartbeat
 is behind) and which ids I need from them.
+
+Compact digests (`mesh.gossip`) lean on two summaries: `members(view)`, the view's (node id, generation)
+pairs in id order, with `membership_hash` over them (two views with the same hash index their nodes the
+same way, so a digest can be a positional vector instead of id-keyed entries), and `content_hash` of a
+record without its heartbeat (the periodic repair compares these instead of shipping every record).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -29,8 +36,11 @@ __all__ = [
     "DigestEntry",
     "View",
     "apply_heartbeats",
+    "content_hash",
     "diff",
     "digest",
+    "members",
+    "membership_hash",
     "merge",
     "merge_record",
     "mesh_catalogue",
@@ -134,6 +144,33 @@ def apply_heartbeats(
             view[nid] = dataclasses.replace(r, heartbeat=hb)
             changed.append(nid)
     return changed
+
+
+def members(view: View) -> list[tuple[NodeId, int]]:
+    """(node id, generation) of every record, sorted by id: the positions of a compact digest."""
+    return sorted((nid, r.generation) for nid, r in view.items())
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def membership_hash(member_list: Iterable[tuple[NodeId, int]]) -> str:
+    """72-bit hash (12 characters) of a `members()` list. Equal hashes mean the same nodes at the same
+    positions with the same generations: an accidental collision needs ~2^36 distinct views."""
+    h = hashlib.blake2b(digest_size=9)
+    for nid, gen in member_list:
+        h.update(f"{nid}\x00{gen}\x00".encode())
+    return _b64(h.digest())
+
+
+def content_hash(r: NodeRecord) -> str:
+    """48-bit hash (8 characters) of a record's content except its heartbeat (which moves every round
+    without a new version): two records with equal (generation, version) and different hashes are the
+    "bug or forger" case the periodic repair exists for."""
+    d = node_to_dict(r)
+    del d["heartbeat"]
+    return _b64(hashlib.blake2b(_canonical(d), digest_size=6).digest())
 
 
 def _entry_version(e: Mapping[str, object]) -> int:

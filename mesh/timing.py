@@ -13,17 +13,25 @@ from dataclasses import dataclass
 
 # --- gossip -----------------------------------------------------------------------------------------
 
-# One exchange per second: with push-pull and fanout 3 a change reaches 100 agents in ~4 rounds, inside
-# the "about 2 s for 3-50 hosts, 5 s for 100" target, while the digest traffic stays a few KB/s.
+# One exchange per second: with push-pull a change reaches 100 agents in ~3 rounds, inside the "about 2 s
+# for 3-50 hosts, 5 s for 100" target (scripts/bench_gossip_sim.py).
 GOSSIP_INTERVAL_S = 1.0
-# Peers contacted per round. 3 makes the epidemic converge in ~log3(N) rounds and survive a dead pick or
-# two in the same round; more mostly adds bytes.
+# Peers contacted per round. With push-pull every agent also answers ~fanout exchanges per round, so it
+# takes part in ~2 x fanout exchanges a second; 3 converges in ~log3(N) rounds and survives a dead pick or
+# two in the same round. Bytes grow linearly with it (compact digests keep each exchange small).
 GOSSIP_FANOUT = 3
-# Every Nth round one of the exchanges is a full one (all records both ways): repairs anything a digest
-# cannot see (two different records under one (generation, version, heartbeat), i.e. a bug or a forger).
-# It is a safety net, not the mechanism, and costs ~2 x N records: every 2 minutes keeps it to ~10 % of
-# the gossip traffic at 50 agents (scripts/bench_gossip_sim.py).
-FULL_EXCHANGE_EVERY_ROUNDS = 120
+# Compact digests (gossip protocol 2): a digest is the hash of the view's (node id, generation) set plus
+# positional vectors of versions and heartbeats written a few characters per node, instead of
+# [id, generation, version, heartbeat] per node (~60 B each). Views whose node sets differ (joins,
+# restarts, forgets) fall back to the explicit digest for that exchange. False only to measure the old
+# protocol (`scripts/bench_gossip_sim.py --modes old,new`).
+COMPACT_DIGESTS = True
+# Every Nth round one of the exchanges also carries a repair check. Compact: a 48-bit content hash per
+# record (8 B each), and the records whose content differs under equal (generation, version) are swapped;
+# that is cheap, so every 30 s. Explicit digests (the old protocol): a full exchange of every record both
+# ways (~2 x N records), affordable only every ~2 minutes. Either way it is a safety net (two different
+# records under one (generation, version) only come from a bug or a forger), not the mechanism.
+FULL_EXCHANGE_EVERY_ROUNDS = 30
 # Dead (not left) peers are retried this often so a healed partition converges again: mDNS does not
 # re-announce a peer it has already seen, and static peers may be empty.
 RECONNECT_DEAD_EVERY_ROUNDS = 2
@@ -93,6 +101,7 @@ class MeshTiming:
 
     gossip_interval_s: float = GOSSIP_INTERVAL_S
     gossip_fanout: int = GOSSIP_FANOUT
+    compact_digests: bool = COMPACT_DIGESTS
     full_exchange_every_rounds: int = FULL_EXCHANGE_EVERY_ROUNDS
     reconnect_dead_every_rounds: int = RECONNECT_DEAD_EVERY_ROUNDS
     gossip_peer_timeout_s: float = GOSSIP_PEER_TIMEOUT_S

@@ -2,21 +2,32 @@
 
 Rounds are driven in lockstep on a simulated clock (one round = one gossip interval, 1 s), so the numbers
 count protocol rounds, not this machine's speed. Each agent's record is realistic in size (two GPUs, two
-models, three catalogue entries). Measured per fleet size:
+models, three catalogue entries). Measured per fleet size and protocol mode:
 
 - bootstrap: rounds until every agent knows every other, when each only knows agent 0 at start;
 - spread: rounds until a change on a random agent is in every view (median and max of several trials);
   with unsynchronised timers a change made just after a round waits up to one more interval;
-- bytes per agent per second (sent + received, all gossip messages), steady state with heartbeats only,
-  and with churn (each agent changes its record with probability 0.1 per second).
+- bytes per agent per second (sent + received gossip message bodies), steady state with heartbeats only,
+  and with churn (each agent changes its record with probability 0.1 per second), each over 120 rounds
+  (a whole number of repair / full-exchange periods in both modes);
+- failure detection: one agent stops answering (its links cut); rounds until every other agent has it
+  `suspect`, and until every other has it `dead` (out of routing).
 
-Usage: scripts/bench_gossip_sim.py [--sizes 10,50,100] [--trials 5] [--seed 1]
+Modes: `old` is protocol 1 as first built (explicit digests, fanout 3, a full exchange every 120 rounds);
+`new` is `DEFAULT_TIMING` (compact digests, see `mesh.gossip`), or its fanout overridden by `--fanout`.
+HTTP request and response headers (~0.3-0.5 KB per exchange with a mesh key) are not counted: see the
+footnote printed at the end.
+
+Usage: scripts/bench_gossip_sim.py [--sizes 10,50,100] [--modes old,new] [--trials 5] [--seed 1]
+                                   [--fanout N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
 import random
 import statistics
 import sys
@@ -29,7 +40,12 @@ from engine.base import ModelId
 from mesh.codec import dumps, node_to_dict
 from mesh.gossip import Gossip, InMemoryNetwork, PeerAddr
 from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
-from mesh.timing import DEFAULT_TIMING
+from mesh.timing import DEFAULT_TIMING, MeshTiming
+
+OLD_TIMING = dataclasses.replace(
+    DEFAULT_TIMING, gossip_fanout=3, compact_digests=False, full_exchange_every_rounds=120
+)
+MEASURE_ROUNDS = 120
 
 
 class SimClock:
@@ -99,7 +115,7 @@ def _record(i: int) -> NodeRecord:
     )
 
 
-def _fleet(n: int, seed: int) -> tuple[SimClock, list[Gossip]]:
+def _fleet(n: int, seed: int, timing: MeshTiming) -> tuple[SimClock, InMemoryNetwork, list[Gossip]]:
     clock = SimClock()
     net = InMemoryNetwork()
     rng = random.Random(seed)
@@ -110,14 +126,14 @@ def _fleet(n: int, seed: int) -> tuple[SimClock, list[Gossip]]:
         g = Gossip(
             own=own,
             transport=net.transport_for(addr),
-            timing=DEFAULT_TIMING,
+            timing=timing,
             clock=clock,
             rng=random.Random(rng.random()),
             seeds=[] if i == 0 else [PeerAddr("10.0.0.1", 31313)],
         )
         net.add(addr, g)
         gs.append(g)
-    return clock, gs
+    return clock, net, gs
 
 
 async def _round(clock: SimClock, gs: list[Gossip]) -> None:
@@ -129,8 +145,8 @@ def _bytes(gs: list[Gossip]) -> int:
     return sum(g.stats.bytes_sent + g.stats.bytes_received for g in gs)
 
 
-async def simulate(n: int, *, trials: int, seed: int) -> dict[str, float]:
-    clock, gs = _fleet(n, seed)
+async def simulate(n: int, *, timing: MeshTiming, trials: int, seed: int) -> dict[str, float]:
+    clock, net, gs = _fleet(n, seed, timing)
     rng = random.Random(seed)
     bootstrap = 0
     while not all(len(g.view) == n for g in gs):
@@ -151,21 +167,37 @@ async def simulate(n: int, *, trials: int, seed: int) -> dict[str, float]:
             rounds += 1
         spreads.append(rounds)
 
-    # One full-exchange period exactly, so full exchanges are counted at their real rate.
-    measure_rounds = DEFAULT_TIMING.full_exchange_every_rounds
+    # A whole number of repair / full-exchange periods, so those are counted at their real rate.
     before = _bytes(gs)
-    for _ in range(measure_rounds):
+    for _ in range(MEASURE_ROUNDS):
         await _round(clock, gs)
-    steady = (_bytes(gs) - before) / n / (measure_rounds * DEFAULT_TIMING.gossip_interval_s)
+    steady = (_bytes(gs) - before) / n / (MEASURE_ROUNDS * timing.gossip_interval_s)
+    fallbacks_steady = sum(g.stats.digest_fallbacks for g in gs)
 
     before = _bytes(gs)
-    for _ in range(measure_rounds):
+    for _ in range(MEASURE_ROUNDS):
         for g in gs:
             if rng.random() < 0.1:
                 g.update_own(labels={"churn": str(rng.random())})
         await _round(clock, gs)
-    churn = (_bytes(gs) - before) / n / (measure_rounds * DEFAULT_TIMING.gossip_interval_s)
+    churn = (_bytes(gs) - before) / n / (MEASURE_ROUNDS * timing.gossip_interval_s)
     alive_everywhere = all(g.liveness(h.self_id) == "alive" for g in gs for h in gs if g is not h)
+    for _ in range(5):  # let the last changes land, then every view must hold every newest version
+        await _round(clock, gs)
+    converged = _settled(gs)
+
+    # Failure detection: the victim's links are cut (a crash, as far as the others can tell).
+    victim = rng.choice(gs)
+    net.cut.add(PeerAddr(victim.own.address, victim.own.port))
+    others = [g for g in gs if g is not victim]
+    suspect_at = dead_at = 0
+    for k in range(1, 40):
+        await _round(clock, others)
+        if not suspect_at and all(g.liveness(victim.self_id) in ("suspect", "dead") for g in others):
+            suspect_at = k
+        if all(g.liveness(victim.self_id) == "dead" for g in others):
+            dead_at = k
+            break
     return {
         "bootstrap_rounds": bootstrap,
         "spread_median_rounds": statistics.median(spreads),
@@ -174,35 +206,65 @@ async def simulate(n: int, *, trials: int, seed: int) -> dict[str, float]:
         "churn_kb_s": churn / 1000,
         "failed": sum(g.stats.exchanges_failed for g in gs),
         "all_alive": float(alive_everywhere),
+        "converged": float(converged),
+        "fallbacks_steady": fallbacks_steady,
+        "suspect_rounds": suspect_at,
+        "dead_rounds": dead_at,
     }
+
+
+def _settled(gs: list[Gossip]) -> bool:
+    """Every view holds every node's newest (generation, version) (heartbeats may differ by a round)."""
+    newest = {g.self_id: g.own.key for g in gs}
+    return all(g.view[nid].key == key for g in gs for nid, key in newest.items())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10,50,100")
+    ap.add_argument("--modes", default="old,new", help="old (protocol 1 as first built) and/or new")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fanout", type=int, default=None, help="override the new mode's fanout")
     args = ap.parse_args(argv)
+    logging.getLogger("mesh").setLevel(logging.ERROR)  # the failure-detection step cuts links on purpose
+    new_timing = DEFAULT_TIMING
+    if args.fanout is not None:
+        new_timing = dataclasses.replace(new_timing, gossip_fanout=args.fanout)
+    modes = {"old": OLD_TIMING, "new": new_timing}
+    chosen = [m.strip() for m in args.modes.split(",")]
     interval = DEFAULT_TIMING.gossip_interval_s
+    print(f"gossip simulation: interval {interval:g} s, record ~{len(dumps(node_to_dict(_record(0))))} B")
+    for m in chosen:
+        t = modes[m]
+        print(
+            f"  {m}: {'compact' if t.compact_digests else 'explicit'} digests, fanout {t.gossip_fanout}, "
+            f"{'repair check' if t.compact_digests else 'full exchange'} every "
+            f"{t.full_exchange_every_rounds} rounds"
+        )
     print(
-        f"gossip simulation: interval {interval:g} s, fanout {DEFAULT_TIMING.gossip_fanout}, "
-        f"full exchange every {DEFAULT_TIMING.full_exchange_every_rounds} rounds, record ~"
-        f"{len(dumps(node_to_dict(_record(0))))} B"
-    )
-    print(
-        f"{'agents':>6} {'bootstrap s':>11} {'change known everywhere s (median/max)':>40} "
-        f"{'KB/s/agent steady':>18} {'KB/s/agent churn':>17} {'cpu s':>6}"
+        f"{'agents':>6} {'mode':>4} {'bootstrap s':>11} {'change everywhere s':>19} "
+        f"{'KB/s steady':>11} {'KB/s churn':>10} {'suspect s':>9} {'dead s':>6} {'cpu s':>6}"
     )
     for n in (int(x) for x in args.sizes.split(",")):
-        t0 = time.process_time()
-        r = asyncio.run(simulate(n, trials=args.trials, seed=args.seed))
-        cpu = time.process_time() - t0
-        spread = f"{r['spread_median_rounds'] * interval:g} / {r['spread_max_rounds'] * interval:g}"
-        print(
-            f"{n:>6} {r['bootstrap_rounds'] * interval:>11g} {spread:>40} {r['steady_kb_s']:>18.1f} "
-            f"{r['churn_kb_s']:>17.1f} {cpu:>6.1f}" + ("" if r["all_alive"] else "  (not all alive!)")
-        )
-    print("(bytes: sent + received per agent; a change made between rounds waits up to one more interval)")
+        for m in chosen:
+            t0 = time.process_time()
+            r = asyncio.run(simulate(n, timing=modes[m], trials=args.trials, seed=args.seed))
+            cpu = time.process_time() - t0
+            spread = f"{r['spread_median_rounds'] * interval:g} / {r['spread_max_rounds'] * interval:g}"
+            notes = "" if r["all_alive"] else "  (not all alive!)"
+            notes += "" if r["converged"] else "  (views differ!)"
+            print(
+                f"{n:>6} {m:>4} {r['bootstrap_rounds'] * interval:>11g} {spread:>19} "
+                f"{r['steady_kb_s']:>11.2f} {r['churn_kb_s']:>10.2f} "
+                f"{r['suspect_rounds'] * interval:>9g} {r['dead_rounds'] * interval:>6g} {cpu:>6.1f}{notes}"
+            )
+    print(
+        "(change everywhere: median / max; a change made between rounds waits up to one more interval.\n"
+        " KB/s: gossip message bodies sent + received per agent. Not counted: HTTP headers, about\n"
+        " 0.3-0.5 KB per exchange with a mesh key, i.e. + ~2 x fanout x 0.4 KB/s per agent on a network.\n"
+        " suspect / dead: rounds until every other agent has a silent agent suspect / dead (out of routing).)"
+    )
     return 0
 
 

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.codec import CodecError, decode_json, dumps, node_from_dict, node_to_dict, state_to_json
+from mesh.codec import (
+    CodecError,
+    decode_ints,
+    decode_json,
+    dumps,
+    encode_ints,
+    node_from_dict,
+    node_to_dict,
+    state_to_json,
+)
 from mesh.records import NodeId
 
 from .strategies import json_garbage, node_records
@@ -131,3 +140,56 @@ def test_state_document_shape(records):
     assert entry["feasible_on"] == ["beast"]
     holders = {r.node_id for r in records if r.model("helexa/demo") is not None}
     assert {loc["node"] for loc in entry["locations"]} == holders
+
+
+# --- compact integer vectors ------------------------------------------------------------------------
+
+_INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(st.lists(_INT64, max_size=50))
+def test_int_vector_round_trip(values):
+    s = encode_ints(values)
+    assert decode_ints(s, len(values), "v") == values
+    assert s.isascii() and orjson.loads(orjson.dumps(s)) == s  # nothing JSON has to escape
+
+
+def test_int_vector_is_compact():
+    assert len(encode_ints(range(-16, 16))) == 32  # one character each
+    assert len(encode_ints([511, -512])) == 4
+    assert len(encode_ints([2**63 - 1, -(2**63)])) == 26
+
+
+@given(json_garbage(), st.integers(0, 20))
+def test_int_vector_garbage_raises_only_codec_error(value, count):
+    with contextlib.suppress(CodecError):
+        decode_ints(value, count, "v")
+
+
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_!", max_size=60))
+def test_int_vector_random_strings_raise_only_codec_error(s):
+    with contextlib.suppress(CodecError):
+        decode_ints(s, 5, "v", lo=0, hi=1000)
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "lo", "match"),
+    [
+        (encode_ints([1, 2]), 3, -(2**63), "2 values, expected 3"),
+        (encode_ints([1, 2, 3]), 2, -(2**63), "longer than|3 values"),
+        (encode_ints([1])[:-1] + "-", 1, -(2**63), "ends inside"),  # a continuation char last
+        ("A*", 2, -(2**63), "bad character"),
+        ("-" * 14 + "A", 1, -(2**63), "longer than"),
+        (encode_ints([-1]), 1, 0, "outside"),
+    ],
+)
+def test_int_vector_bad_inputs(text, count, lo, match):
+    with pytest.raises(CodecError, match=match):
+        decode_ints(text, count, "v", lo=lo)
+
+
+def test_int_vector_beyond_int64_refused():
+    top = encode_ints([2**63 - 1])
+    assert top[-1] == "P"  # 12 groups of 5 bits, then the top 4 bits of 2^64 - 2 (zigzag)
+    with pytest.raises(CodecError, match="outside"):
+        decode_ints(top[:-1] + "f", 1, "v")  # the top group made larger than an int64 allows

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,8 +17,9 @@ from aiohttp.test_utils import TestServer
 
 from engine.base import ModelId
 from mesh.auth import MeshAuth, peer_auth_middleware
-from mesh.codec import node_to_dict
+from mesh.codec import encode_ints, node_to_dict
 from mesh.gossip import GOSSIP_PATH, Gossip, HttpTransport, InMemoryNetwork, PeerAddr, gossip_handler
+from mesh.merge import content_hash, members, membership_hash
 from mesh.records import ModelRecord, NodeId, NodeRecord
 from mesh.timing import MeshTiming
 
@@ -314,3 +316,154 @@ async def test_set_own_adopts_an_external_record_and_keeps_heartbeat_monotone():
     assert gs[1].view[g.self_id].name == "renamed"
     with pytest.raises(ValueError):
         g.set_own(dataclasses.replace(g.own, version=0))
+
+
+# --- compact digests ----------------------------------------------------------------------------
+
+
+def _bytes(gs) -> int:
+    return sum(g.stats.bytes_sent + g.stats.bytes_received for g in gs)
+
+
+def _assert_members_cache_fresh(gs) -> None:
+    for g in gs:
+        ms = members(g.view)
+        assert g._membership() == (ms, membership_hash(ms))
+
+
+async def _steady_bytes(timing: MeshTiming, n: int = 12, rounds: int = 14) -> tuple[int, list[Gossip]]:
+    clock, _, gs = _fleet(n)
+    for g in gs:
+        g.timing = timing
+    await _rounds(clock, gs, 12)
+    assert _converged_keys(gs)
+    before = _bytes(gs)
+    await _rounds(clock, gs, rounds)
+    return _bytes(gs) - before, gs
+
+
+def _converged_keys(gs) -> bool:
+    """Every view holds every node's own (generation, version); heartbeats may lag a round."""
+    return all(g.view[h.self_id].key == h.own.key for g in gs for h in gs)
+
+
+async def test_compact_steady_state_is_a_fraction_of_explicit_and_keeps_everyone_alive():
+    explicit, _ = await _steady_bytes(dataclasses.replace(TIMING, compact_digests=False))
+    compact, gs = await _steady_bytes(TIMING)
+    assert compact * 3 < explicit, (compact, explicit)
+    fallbacks = sum(g.stats.digest_fallbacks for g in gs)
+    await _rounds(FakeClockOf(gs), gs, 5)
+    assert sum(g.stats.digest_fallbacks for g in gs) == fallbacks  # same node sets: no explicit digests
+    assert all(g.liveness(h.self_id) == "alive" for g in gs for h in gs if g is not h)
+    _assert_members_cache_fresh(gs)
+
+
+def FakeClockOf(gs):
+    return gs[0]._clock
+
+
+async def test_mixed_fleet_of_compact_and_explicit_agents_converges():
+    clock, _, gs = _fleet(8)
+    for g in gs[::2]:
+        g.timing = dataclasses.replace(TIMING, compact_digests=False)
+    await _rounds(clock, gs, 10)
+    assert all(len(g.view) == 8 for g in gs)
+    changed = gs[3].update_own(labels={"x": "1"})
+    rounds = await _rounds_until(clock, gs, lambda: _converged_keys(gs), 10)
+    assert rounds is not None
+    assert all(g.view[changed.node_id].labels == {"x": "1"} for g in gs)
+    assert all(g.liveness(h.self_id) == "alive" for g in gs for h in gs if g is not h)
+
+
+async def test_repair_check_settles_two_contents_under_one_version():
+    clock, _, gs = _fleet(6)
+    await _rounds(clock, gs, 8)
+    target = gs[4].self_id
+    # a forged copy with the same (generation, version) that no digest can tell apart
+    for g in gs[:3]:
+        r = g._view[target]
+        g._view[target] = dataclasses.replace(r, name="forged")
+    await _rounds(clock, gs, 2 * TIMING.full_exchange_every_rounds + 4)
+    hashes = {content_hash(g.view[target]) for g in gs}
+    assert len(hashes) == 1, hashes
+
+
+async def test_membership_cache_follows_joins_restarts_and_forgets():
+    clock, net, gs = _fleet(5)
+    await _rounds(clock, gs, 6)
+    _assert_members_cache_fresh(gs)
+    gs[2] = Gossip(
+        own=_own(2, gen=5),
+        transport=net.transport_for(PeerAddr("10.0.0.2", 31313)),
+        timing=TIMING,
+        clock=clock,
+        seeds=[PeerAddr("10.0.0.0", 31313)],
+    )
+    net.add(PeerAddr("10.0.0.2", 31313), gs[2])
+    await _rounds(clock, gs, 6)
+    assert all(g.view[gs[2].self_id].generation == 5 for g in gs)
+    _assert_members_cache_fresh(gs)
+    net.cut.add(PeerAddr("10.0.0.4", 31313))
+    others = gs[:4]
+    await _rounds(clock, others, int(TIMING.dead_after_s + TIMING.forget_after_s) + 3)
+    assert all(gs[4].self_id not in g.view for g in others)
+    _assert_members_cache_fresh(others)
+    assert all(g.liveness(h.self_id) == "alive" for g in others for h in others if g is not h)
+
+
+def _csyn(g: Gossip, **over) -> bytes:
+    ms, mh = g._membership()
+    msg = {
+        "v": 2,
+        "type": "csyn",
+        "mesh": "default",
+        "from": "node-999",
+        "mh": mh,
+        "n": len(ms),
+        "t": 0,
+        "hb": encode_ints([5] * len(ms)),
+        "ver": encode_ints([1] * len(ms)),
+    }
+    msg.update(over)
+    return orjson.dumps(msg)
+
+
+async def test_hostile_compact_messages_are_refused_whole():
+    clock, _, gs = _fleet(3)
+    await _rounds(clock, gs, 6)
+    g = gs[0]
+    before = dict(g.view)
+    n = len(g.view)
+    bad: list[dict[str, Any]] = [
+        {"hb": "not base64!"},
+        {"hb": encode_ints([5] * (n + 1))},
+        {"hb": encode_ints([-1] * n)},  # heartbeats below zero
+        {"ver": encode_ints([-1] * n)},
+        {"ver": 7},
+        {"t": "x"},
+        {"t": True},
+        {"t": 2**64 - 1},
+        {"ch": "short"},
+        {"ch": 12},
+        {"hb": "-" * 100_000},
+    ]
+    for over in bad:
+        status, reply = g.handle(_csyn(g, **over))
+        assert status == 400, over
+        assert orjson.loads(reply)["type"] == "reject"
+    assert dict(g.view) == before
+    # another node set (or a lie about its size) is not an error: the initiator falls back
+    for over in ({"mh": "A" * 12}, {"n": n + 1}, {"mh": 5}):
+        status, reply = g.handle(_csyn(g, **over))
+        assert status == 200 and orjson.loads(reply)["need"] == "digest"
+
+
+async def test_compact_ack_carries_the_responders_newer_heartbeats():
+    clock, _, gs = _fleet(3)
+    await _rounds(clock, gs, 6)
+    a, b = gs[0], gs[1]
+    for _ in range(5):
+        b.beat()
+    await a.exchange(PeerAddr(b.own.address, b.own.port))
+    assert a.view[b.self_id].heartbeat == b.own.heartbeat
+    assert b.view[a.self_id].heartbeat == a.own.heartbeat

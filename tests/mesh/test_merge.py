@@ -7,7 +7,18 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.merge import apply_heartbeats, diff, digest, merge, mesh_catalogue, newer, order_key
+from mesh.merge import (
+    apply_heartbeats,
+    content_hash,
+    diff,
+    digest,
+    members,
+    membership_hash,
+    merge,
+    mesh_catalogue,
+    newer,
+    order_key,
+)
 from mesh.records import NodeId, NodeRecord
 
 from .strategies import node_records, views
@@ -87,3 +98,30 @@ def test_mesh_catalogue_picks_newest_version_deterministically(records):
         versions = [x["version"] for r in records for x in r.catalogue if x["id"] == e["id"]]
         assert e["version"] == max(versions)
         assert e.get("removed") is not True
+
+
+@given(views())
+def test_membership_hash_is_independent_of_order_and_heartbeats(view):
+    ms = members(view)
+    assert [nid for nid, _ in ms] == sorted(view)
+    shuffled = dict(reversed(list(view.items())))
+    bumped = {
+        nid: dataclasses.replace(r, heartbeat=r.heartbeat + 7, version=r.version + 1)
+        for nid, r in view.items()
+    }
+    assert membership_hash(members(shuffled)) == membership_hash(ms) == membership_hash(members(bumped))
+
+
+def test_membership_hash_sees_generation_and_nodes():
+    a = {NodeId("a"): _rec("a", 1, 1, 1), NodeId("b"): _rec("b", 1, 1, 1)}
+    h = membership_hash(members(a))
+    assert membership_hash(members({**a, NodeId("b"): _rec("b", 2, 0, 0)})) != h
+    assert membership_hash(members({NodeId("a"): a[NodeId("a")]})) != h
+    assert len(h) == 12
+
+
+@given(node_records())
+def test_content_hash_ignores_only_the_heartbeat(r):
+    assert content_hash(dataclasses.replace(r, heartbeat=r.heartbeat + 1)) == content_hash(r)
+    assert content_hash(dataclasses.replace(r, name=r.name + "x")) != content_hash(r)
+    assert len(content_hash(r)) == 8
