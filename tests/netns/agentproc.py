@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -234,3 +235,25 @@ async def loads_started(http: aiohttp.ClientSession, url: str, model: str) -> in
     """Loads of `model` this agent ran (ok or error), from `helexa_model_loads_total`."""
     samples = await metric_samples(http, url, "helexa_model_loads_total")
     return int(sum(s.value for s in samples if s.labels.get("model") == model))
+
+
+_LISTENING = re.compile(r"listening on http://[^\s:]+:(\d+)")
+
+
+async def wait_listening(agent: AgentProc, *, host: str = "127.0.0.1", timeout_s: float = 30.0) -> str:
+    """For an agent started with `--port 0`: the URL from its "listening on ..." log line (also sets
+    `agent.url`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if m := _LISTENING.search(agent.log_text()):
+            agent.url = f"http://{host}:{m.group(1)}"
+            return agent.url
+        if agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(
+                f"agent {agent.name} exited with {agent.proc.returncode}:\n{agent.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"agent {agent.name} did not listen within {timeout_s:g} s:\n{agent.log_tail()}"
+            )
+        await asyncio.sleep(0.05)
