@@ -378,6 +378,76 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(kw_only=True)
+class RunningAgent:
+    """An agent serving on a bound socket (`start_agent`); `stop()` drains, `kill()` does not."""
+
+    agent: Agent
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    host: str
+    closed: bool = False
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Stop: drain first (graceful leave, requests finish, bounded), then close everything."""
+        if self.closed:
+            return
+        self.closed = True
+        if drain:
+            try:
+                async with asyncio.timeout(self.agent.config.drain_timeout_s + 1.0):
+                    await self.agent.drain()
+            except TimeoutError:
+                log.warning(
+                    "drain took longer than %.0f s; stopping anyway", self.agent.config.drain_timeout_s
+                )
+        await self.runner.cleanup()
+
+    async def kill(self) -> None:
+        """Die abruptly, as on SIGKILL (tests): every connection is reset, no graceful leave."""
+        if self.closed:
+            return
+        self.closed = True
+        server = self.runner.server
+        for site in list(self.runner.sites):
+            await site.stop()
+        if server is not None:
+            for handler in list(server.connections):
+                transport = handler.transport
+                if transport is not None:
+                    transport.abort()
+        await self.runner.cleanup()
+
+
+async def start_agent(
+    config: AgentConfig,
+    *,
+    sock: socket.socket | None = None,
+    configure: Callable[[web.Application], None] | None = None,
+    **build: Any,
+) -> RunningAgent:
+    """Bind (unless given a bound socket), assemble the agent and serve it. `build` goes to `build_agent`
+    (tests pass the fake engine, hardware and timings); `configure(app)` may adjust the app first."""
+    sock = sock or bind(config.host, config.port)
+    port = int(sock.getsockname()[1])
+    agent = await build_agent(config, port=port, **build)
+    app = make_app(agent)
+    if configure is not None:
+        configure(app)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+    )
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return RunningAgent(agent=agent, app=app, runner=runner, port=port, host=config.host)
+
+
 async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = None) -> int:
     """Run the agent until SIGINT/SIGTERM. Returns the process exit status."""
     started = time.monotonic()
@@ -386,28 +456,21 @@ async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = No
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
         return 1
-    port = int(sock.getsockname()[1])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-
-    agent = await build_agent(config, port=port)
-    app = make_app(agent)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
-    )
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    url_host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    running = await start_agent(config, sock=sock)
+    agent, port = running.agent, running.port
     log.info(
-        "helexa agent %s (node %s, id %s) listening on http://%s:%d, ready in %.2f s",
-        config.name,
+        "helexa agent %s (id %s, mesh %s%s) listening on %s (advertised as %s:%d), ready in %.2f s",
         config.name,
         agent.identity.node_id[:8],
-        url_host,
+        config.mesh,
+        "" if config.mesh_key else ", open: no mesh key",
+        running.url,
+        agent.fleet.self_record.address,
         port,
         time.monotonic() - started,
     )
@@ -416,16 +479,11 @@ async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = No
     try:
         await stop.wait()
         log.info("stopping")
-        try:
-            async with asyncio.timeout(config.drain_timeout_s + 1.0):
-                await agent.drain()
-        except TimeoutError:
-            log.warning("drain took longer than %.0f s; stopping anyway", config.drain_timeout_s)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await running.stop()
     log.info("stopped")
     return 0
 
@@ -479,4 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["AGENT", "Agent", "build_agent", "build_app", "main", "make_app", "serve"]
+__all__ = [
+    "AGENT",
+    "Agent",
+    "RunningAgent",
+    "build_agent",
+    "build_app",
+    "main",
+    "make_app",
+    "serve",
+    "start_agent",
+]
