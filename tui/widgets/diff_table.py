@@ -8,11 +8,12 @@ or move (a join, a load, a filter) it rebuilds the rows and keeps the cursor on 
 
 Why not `update_cell` or `refresh()`: `DataTable` keys every render cache (cells, rows, lines, row
 offsets) on one table-wide `_update_count`, and `update_cell` bumps it, so a single changed cell makes
-the next paint re-render every visible cell through Rich (about 80 % of the dashboard's CPU on a
-50-node fleet). Here the counter stays put and the stale cache entries are discarded by key, so a paint
-re-renders the changed cells only, and only the changed lines on screen are repainted. This reaches
-into `DataTable`'s private caches (textual 8.x); `tests/tui/test_diff_table.py` checks that what is
-painted matches what was written, so a textual change that breaks the scheme fails there.
+the next paint re-render every visible cell through Rich (about 70 % of the dashboard's CPU on a
+50-node fleet, measured with `scripts/bench tui --profile`). Here the counter stays put and the stale
+cache entries are discarded by key, so a paint re-renders the changed cells only, and only the changed
+lines on screen are repainted. This reaches into `DataTable`'s private caches (textual 8.x);
+`tests/tui/test_diff_table.py` checks that what is painted matches a table built from scratch, so a
+textual change that breaks the scheme fails there.
 
 Strings are stored as plain `Text`: never parsed as Rich markup (agent-supplied names, versions and
 errors may contain brackets), and markup parsing on every repaint was a measurable cost. Rows are one
@@ -53,7 +54,7 @@ class DiffTable(DataTable[Cell]):
         self._order: list[str] = []
         self._paint_style: Style | None = None  # the widget's style while a paint is in progress
         self._column_keys = tuple(ColumnKey(c.key) for c in self.COLUMNS)
-        self.cells_updated = 0  # for tests and the bench: how much work updates cost
+        self.cells_updated = 0  # for tests: how much work updates cost
         self.rebuilds = 0
         self.rows_repainted = 0  # changed rows that were on screen (and so repainted)
 
