@@ -21,7 +21,7 @@ Heartbeats go as residuals from `t - generation // 1000` (t chosen by A as the m
 `heartbeat + generation // 1000`): generations are start times in ms and heartbeats count seconds since
 start, so live nodes' residuals are small and cost one or two characters (`mesh.codec.encode_ints`). The
 decoding is exact whatever the values; only the size depends on that guess. At 50 agents a steady-state
-exchange is ~300 B where the explicit digest was ~3.5 KB (numbers: `scripts/bench_gossip_sim.py`).
+exchange is ~400 B of bodies where the explicit digest was ~3.5 KB (numbers: `scripts/bench_gossip_sim.py`).
 
 Explicit digests (protocol 1; first contact with a seed, node sets that differ, `compact_digests=False`):
 
@@ -754,6 +754,11 @@ def _int_list(v: object, bound: int) -> list[int]:
 # --- transports -------------------------------------------------------------------------------------
 
 
+# aiohttp's default Accept, Accept-Encoding and User-Agent add ~75 B to every gossip request (~35 % of the
+# headers of an open mesh) and the gossip handler reads none of them.
+_SKIP_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+
+
 class HttpTransport:
     """Posts gossip messages to `POST /mesh/peer/gossip` with aiohttp; signs and checks with a mesh key."""
 
@@ -768,7 +773,9 @@ class HttpTransport:
         headers = {"Content-Type": "application/json"}
         if self._auth is not None:
             headers.update(self._auth.sign("POST", self._path, body))
-        async with self._session.post(f"{peer.url}{self._path}", data=body, headers=headers) as resp:
+        async with self._session.post(
+            f"{peer.url}{self._path}", data=body, headers=headers, skip_auto_headers=_SKIP_HEADERS
+        ) as resp:
             data = await resp.content.read(MAX_GOSSIP_MESSAGE_BYTES + 1)
             if len(data) > MAX_GOSSIP_MESSAGE_BYTES:
                 raise GossipError("reply too large")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 # --- gossip -----------------------------------------------------------------------------------------
 
-# One exchange per second: with push-pull a change reaches 100 agents in ~3 rounds, inside the "about 2 s
-# for 3-50 hosts, 5 s for 100" target (scripts/bench_gossip_sim.py).
+# One exchange per second: with push-pull and fanout 3 a change reaches 100 agents in 2-3 rounds, inside
+# the "about 2 s for 3-50 hosts, 5 s for 100" target (scripts/bench_gossip_sim.py).
 GOSSIP_INTERVAL_S = 1.0
 # Peers contacted per round. With push-pull every agent also answers ~fanout exchanges per round, so it
 # takes part in ~2 x fanout exchanges a second; 3 converges in ~log3(N) rounds and survives a dead pick or

@@ -15,8 +15,9 @@ models, three catalogue entries). Measured per fleet size and protocol mode:
 
 Modes: `old` is protocol 1 as first built (explicit digests, fanout 3, a full exchange every 120 rounds);
 `new` is `DEFAULT_TIMING` (compact digests, see `mesh.gossip`), or its fanout overridden by `--fanout`.
-HTTP request and response headers (~0.3-0.5 KB per exchange with a mesh key) are not counted: see the
-footnote printed at the end.
+HTTP request and response headers are not counted: ~0.3 KB per round trip in an open mesh, ~0.55 KB with
+a mesh key (the signature headers), measured with aiohttp on loopback; an exchange is one round trip, two
+after a change.
 
 Usage: scripts/bench_gossip_sim.py [--sizes 10,50,100] [--modes old,new] [--trials 5] [--seed 1]
                                    [--fanout N]
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         "(change everywhere: median / max; a change made between rounds waits up to one more interval.\n"
-        " KB/s: gossip message bodies sent + received per agent. Not counted: HTTP headers, about\n"
-        " 0.3-0.5 KB per exchange with a mesh key, i.e. + ~2 x fanout x 0.4 KB/s per agent on a network.\n"
+        " KB/s: gossip message bodies sent + received per agent. Not counted: HTTP headers, ~0.3 KB per\n"
+        " round trip (~0.55 KB with a mesh key), i.e. + ~2 x fanout x 0.3-0.55 KB/s per agent on a network.\n"
         " suspect / dead: rounds until every other agent has a silent agent suspect / dead (out of routing).)"
     )
     return 0
