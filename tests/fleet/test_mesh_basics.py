@@ -81,6 +81,8 @@ async def test_mesh_state_shape(fleet: Fleet) -> None:
     (cat,) = state["catalogue"]
     assert cat["id"] == "org/m" and sorted(cat["feasible_on"]) == ["a", "b"] and cat["locations"] == []
 
+    # Placement among equals could pick either node: load it on b by name, then ask b.
+    assert (await fleet.post(a, "/mesh/models/load", {"model": "org/m", "node": "b"}))[0] == 200
     async with fleet.http.post(
         f"{b.url}/v1/chat/completions",
         json={"model": "org/m", "messages": [{"role": "user", "content": "x"}]},

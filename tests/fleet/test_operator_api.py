@@ -1,0 +1,160 @@
+"""The operator and fleet API across agents: events, load/unload, the mesh-wide catalogue, mDNS."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mesh.runtime import MeshOptions
+
+from .conftest import OPTIONS, Fleet, Member, entry, eventually
+
+
+async def _collect_events(fleet: Fleet, m: Member, out: list[dict[str, Any]], ready: asyncio.Event) -> None:
+    async with fleet.http.get(f"{m.url}/mesh/events") as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async for line in resp.content:
+            if line.startswith(b": connected"):
+                ready.set()
+            elif line.startswith(b"data: "):
+                out.append(orjson.loads(line[6:]))
+
+
+async def test_events_deliver_membership_and_load_events(fleet: Fleet) -> None:
+    entries = [entry("org/ev", options={"tokens": ["x"], "load_delay_s": 0.1})]
+    a = await fleet.start("a", entries=entries)
+    events: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+    reader = asyncio.create_task(_collect_events(fleet, a, events, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        b = await fleet.start("b", entries=entries, peers=[a])
+        await eventually(
+            lambda: any(e["type"] == "join" and e["node_name"] == "b" for e in events), what="join"
+        )
+        status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/ev", "node": "b"})
+        assert status == 200, body
+        status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/ev", "node": "a"})
+        assert status == 200, body
+
+        def seen(kind: str, node: str) -> bool:
+            return any(
+                e["type"] == kind and e["node_name"] == node and e.get("model") == "org/ev" for e in events
+            )
+
+        # b's load reaches a through gossip; a's own load comes from its neuron (with its duration).
+        await eventually(lambda: seen("load_done", "b") and seen("load_done", "a"), what="load events")
+        own = next(e for e in events if e["type"] == "load_done" and e["node_name"] == "a")
+        assert own["duration_s"] >= 0.1 and own["node"] == a.agent.identity.node_id
+        status, body = await fleet.post(a, "/mesh/models/unload", {"model": "org/ev"})
+        assert status == 200 and sorted(body["nodes"]) == ["a", "b"], body
+        await eventually(lambda: seen("unload", "b") and seen("unload", "a"), what="unload events")
+        await b.running.stop()
+        await eventually(
+            lambda: any(e["type"] == "leave" and e["node_name"] == "b" for e in events), what="leave"
+        )
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def test_operator_load_places_and_unload_by_node(fleet: Fleet) -> None:
+    entries = [entry("org/op", memory_mb=300, options={"tokens": ["x"]})]
+    b = await fleet.start("b", entries=entries, memory_mb=1000)
+    a = await fleet.start("a", entries=entries, memory_mb=100, peers=[b])
+    await eventually(lambda: a.sees(b) and b.sees(a), what="membership")
+    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/op"})
+    assert status == 200 and body["node"] == "b", body
+    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/op"})
+    assert status == 200 and body["node"] == "b" and b.loads("org/op") == 1
+    # Named node where it cannot run: the node's own refusal.
+    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/op", "node": "a"})
+    assert status == 503 and body["error"]["code"] == "no_room", body
+    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/op", "node": "nowhere"})
+    assert status == 400 and body["error"]["param"] == "node"
+    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/unknown"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = await fleet.post(a, "/mesh/models/unload", {"model": "org/op", "node": "b"})
+    assert status == 200 and body["nodes"] == ["b"], body
+    assert b.engine.unloads["org/op"] == 1  # type: ignore[index]
+
+
+async def test_catalogue_add_on_one_agent_is_visible_on_another(fleet: Fleet, tmp_path: Path) -> None:
+    catalogue = tmp_path / "a-models.toml"
+    catalogue.write_text("# operator comment\n")
+    a = await fleet.start("a", entries=None, args=["--catalogue", str(catalogue)])
+    b = await fleet.start("b", peers=[a])
+    c = await fleet.start("c", peers=[b])  # c knows only b at first
+    await eventually(lambda: a.sees(b, c) and c.sees(a, b), what="membership through b")
+    new = {
+        "id": "org/added",
+        "engine": "fake",
+        "source": "/models/org/added",
+        "memory_mb": 100,
+        "options": {"tokens": ["added"], "memory_mb": 100},
+    }
+    status, body = await fleet.post(a, "/mesh/catalogue", new)
+    assert status == 200 and body["entry"]["version"] == 1, body
+    assert "# operator comment" in catalogue.read_text() and _file_entry(catalogue, "org/added") == (1, ())
+    await eventually(lambda: c.agent.catalogue.resolve("org/added") is not None, what="the entry on c")
+    async with fleet.http.get(f"{c.url}/mesh/catalogue") as resp:
+        listed = (await resp.json())["data"]
+    assert [e["id"] for e in listed] == ["org/added"] and sorted(listed[0]["feasible_on"]) == ["a", "b", "c"]
+    # c can serve it (placement among all three; the answer comes back whichever serves it).
+    async with fleet.http.post(f"{c.url}/v1/completions", json={"model": "org/added", "prompt": "x"}) as resp:
+        assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "added"
+
+    # An update from c wins everywhere (higher version), and a writes it to its file.
+    status, body = await fleet.post(c, "/mesh/catalogue", {"id": "org/added", "aliases": ["added"]})
+    assert status == 200 and body["entry"]["version"] == 2, body
+    await eventually(
+        lambda: (e := a.agent.catalogue.resolve("added")) is not None and e.version == 2,
+        what="the update on a",
+    )
+    await eventually(lambda: _file_entry(catalogue, "org/added") == (2, ("added",)), what="a's file updated")
+
+    # Removal spreads as a tombstone.
+    async with fleet.http.delete(f"{b.url}/mesh/catalogue/org%2Fadded") as resp:
+        assert resp.status == 200, await resp.text()
+    await eventually(
+        lambda: all(m.agent.catalogue.resolve("org/added") is None for m in (a, b, c)),
+        what="removal everywhere",
+    )
+    await eventually(lambda: "org/added" not in catalogue.read_text(), what="a's file without the entry")
+    async with fleet.http.delete(f"{b.url}/mesh/catalogue/org%2Fadded") as resp:
+        assert resp.status == 404
+    status, body = await fleet.post(a, "/mesh/catalogue", {"id": "org/bad", "engine": "nope"})
+    assert status == 400 and "refused" in body["error"]["message"]
+
+
+def _file_entry(path: Path, entry_id: str) -> tuple[int, tuple[str, ...]] | None:
+    """(version, aliases) of `entry_id` in the catalogue file, or None."""
+    from catalogue.store import load_catalogue
+
+    found = [e for e in load_catalogue(path).entries if e.id == entry_id]
+    return (found[0].version, found[0].aliases) if found else None
+
+
+async def test_preload_loads_on_one_node_only(fleet: Fleet) -> None:
+    entries = [entry("org/pre", options={"tokens": ["x"]}, preload=True)]
+    a = await fleet.start("a", entries=entries)
+    b = await fleet.start("b", entries=entries, peers=[a])
+    c = await fleet.start("c", entries=entries, peers=[a, b])
+    members = [a, b, c]
+    await eventually(lambda: sum(m.loads("org/pre") for m in members) == 1, what="one preload")
+    await asyncio.sleep(1.0)  # past every agent's settle time
+    assert sum(m.loads("org/pre") for m in members) == 1
+
+
+async def test_mdns_finds_peers_without_a_peer_list(fleet: Fleet) -> None:
+    service = f"_hx{uuid.uuid4().hex[:8]}._tcp.local."
+    options = MeshOptions(
+        timing=OPTIONS.timing, mdns_interfaces=("127.0.0.1",), mdns_service_type=service, preload_settle_s=0.5
+    )
+    a = await fleet.start("a", options=options, mdns=True)
+    b = await fleet.start("b", options=options, mdns=True)
+    await eventually(lambda: a.sees(b) and b.sees(a), timeout_s=9.0, what="mDNS discovery")
