@@ -51,6 +51,7 @@ async def test_serving_agent_dying_mid_stream_gives_an_error_event_and_leaves_ro
     # The dead agent is out of a's routing at once; the next request is served elsewhere.
     assert b_id not in {n.node_id for n in a.agent.fleet.routable_nodes()}
     request["stream"] = False
+    request["max_tokens"] = 2
     async with fleet.http.post(f"{a.url}/v1/chat/completions", json=request) as resp:
         assert resp.status == 200, await resp.text()
     assert a.loads("org/slow") + c.loads("org/slow") == 1
