@@ -254,6 +254,10 @@ class MeshRuntime:
             for ev in record_events(old, new):
                 if ev.kind == "load_progress":
                     self.bus.publish(ev)
+            if old is not None and new is not None and old.catalogue != new.catalogue:
+                # An edit through the operator API: the view (routing, /v1/models) takes it now, not at
+                # the next peer change (put_entry's own refresh ran before this record was rebuilt).
+                self.refresh_catalogue()
             return
         if new is None:
             self.fleet.peers.pop(rec.node_id, None)
