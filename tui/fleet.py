@@ -246,16 +246,23 @@ def parse_state(data: Mapping[str, Any]) -> FleetState:
 
 
 def parse_event(data: Mapping[str, Any], *, default_type: str = "message", now_s: float = 0.0) -> FleetEvent:
-    """One `/mesh/events` JSON object → `FleetEvent`. `node` may be a name, an id or an object."""
-    node = data.get("node")
+    """One `/mesh/events` JSON object → `FleetEvent`.
+
+    The agent (`mesh.events.Event.to_json`) sends `time` (unix seconds), `node` (the node's id) and
+    `node_name`; the log shows the name. `ts` and a `node` that is a name or an object are accepted too.
+    """
+    node = data.get("node_name") or data.get("node")
     if isinstance(node, Mapping):
         node = node.get("name") or node.get("id")
     message = data.get("message")
     if message is None and isinstance(data.get("error"), str):
         message = data.get("error")
+    ts = _float_or_none(data.get("ts"))
+    if ts is None:
+        ts = _float_or_none(data.get("time"))
     return FleetEvent(
         type=_str(data.get("type"), default_type),
-        ts=_float_or_none(data.get("ts")) or now_s,
+        ts=ts or now_s,
         node=str(node) if node is not None else None,
         model=_str(data.get("model")) or None,
         message=str(message) if message is not None else None,
