@@ -216,7 +216,7 @@ async def test_request_to_any_agent_cold_loads_on_the_feasible_one(lab: Lab) -> 
 
 
 async def test_60_simultaneous_first_requests_over_three_agents_load_once(lab: Lab) -> None:
-    model = "lab/storm"  # feasible on n1 and n2, loaded nowhere, a 1.5 s load
+    model = "lab/storm"  # feasible on all three, loaded nowhere, a 1.5 s load
     clients = [lab.client(name, timeout_s=60) for name in NAMES]
     async with aiohttp.ClientSession() as http:
         assert await serving(http, lab, model, among=NAMES) == set()
@@ -237,7 +237,7 @@ async def test_60_simultaneous_first_requests_over_three_agents_load_once(lab: L
         print(f"storm: 60 answered in {took:.2f} s, loads per agent {loads}")
         assert sum(loads.values()) == 1, f"60 first requests caused {loads} loads\n{lab.logs()}"
         where = await serving(http, lab, model, among=NAMES)
-        assert len(where) == 1 and where <= {"n1", "n2"}, where
+        assert len(where) == 1, where
 
 
 # --- (e) partition and heal -------------------------------------------------------------------------------
