@@ -245,6 +245,21 @@ def parse_state(data: Mapping[str, Any]) -> FleetState:
     )
 
 
+def _event_details(data: Mapping[str, Any]) -> str | None:
+    """The short detail an agent's event carries besides its kind: load progress, how long a load took,
+    why a model was unloaded (`operator`, `idle`, `evicted for X`)."""
+    parts: list[str] = []
+    progress = _float_or_none(data.get("progress"))
+    if progress is not None and data.get("type") == "load_progress":
+        parts.append(f"{progress * 100:.0f}%")
+    duration_s = _float_or_none(data.get("duration_s"))
+    if duration_s is not None:
+        parts.append(f"in {duration_s:.2f} s")
+    if isinstance(data.get("reason"), str) and data["reason"]:
+        parts.append(str(data["reason"]))
+    return " ".join(parts) or None
+
+
 def parse_event(data: Mapping[str, Any], *, default_type: str = "message", now_s: float = 0.0) -> FleetEvent:
     """One `/mesh/events` JSON object → `FleetEvent`.
 
@@ -257,6 +272,8 @@ def parse_event(data: Mapping[str, Any], *, default_type: str = "message", now_s
     message = data.get("message")
     if message is None and isinstance(data.get("error"), str):
         message = data.get("error")
+    if message is None:
+        message = _event_details(data)
     ts = _float_or_none(data.get("ts"))
     if ts is None:
         ts = _float_or_none(data.get("time"))

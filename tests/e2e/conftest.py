@@ -156,6 +156,9 @@ class Agents:
                         return str(m["status"])
         return None
 
+    async def model_status_is(self, agent: E2EAgent, model: str, node: str, status: str | None) -> bool:
+        return await self.model_status(agent, model, node) == status
+
     async def model_ids(self, agent: E2EAgent) -> set[str]:
         """`GET /v1/models` ids (aliases excluded)."""
         async with self.http.get(f"{agent.url}/v1/models") as resp:
