@@ -266,7 +266,15 @@ async def forwarding(rig: Rig, rounds: int, seed: int) -> dict[str, dict[str, li
     return out
 
 
-def report_forwarding(title: str, samples: dict[str, dict[str, list[float]]], p99_target_ms: float) -> bool:
+def report_forwarding(
+    title: str,
+    samples: dict[str, dict[str, list[float]]],
+    *,
+    p50_target_ms: float | None,
+    p99_target_ms: float,
+) -> bool:
+    """Print the table and the targets met or missed; True when all were met. The proxy comparison is on
+    p50 (p99 differences of a few hundred samples are mostly noise; shown, not judged)."""
     print(f"\n{title}")
     print(
         f"  {'':<22}{'direct p50':>11}{'p99':>8}{'mesh p50':>10}{'p99':>8}{'proxy p50':>11}{'p99':>8}"
@@ -284,13 +292,16 @@ def report_forwarding(title: str, samples: dict[str, dict[str, list[float]]], p9
             f"{added[0]:>11.2f}{added[1]:>8.2f}{floor[0]:>17.2f}{floor[1]:>8.2f}"
         )
         checks = [
-            (added[0] < 1.0, f"added p50 {added[0]:.2f} ms < 1 ms"),
             (added[1] < p99_target_ms, f"added p99 {added[1]:.2f} ms < {p99_target_ms:g} ms"),
             (
                 added[0] <= 2 * max(floor[0], 0.0),
                 f"added p50 {added[0]:.2f} ms <= 2 x proxy's {max(floor[0], 0.0):.2f} ms",
             ),
         ]
+        if p50_target_ms is not None:
+            checks.insert(
+                0, (added[0] < p50_target_ms, f"added p50 {added[0]:.2f} ms < {p50_target_ms:g} ms")
+            )
         for passed, text in checks:
             ok &= passed
             print(f"    {'ok  ' if passed else 'MISS'} {text}")
@@ -438,7 +449,7 @@ def gossip_simulation(args: Sequence[str]) -> None:
 # --- main ---------------------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace) -> bool:
     ok = True
     with tempfile.TemporaryDirectory(prefix="helexa-bench-mesh-") as tmp:
         work = Path(tmp)
@@ -463,6 +474,7 @@ async def run(args: argparse.Namespace) -> int:
             ok &= report_forwarding(
                 "1. forwarding overhead (fake engine, zero token delay)",
                 await forwarding(r, args.rounds, seed=1),
+                p50_target_ms=1.0,
                 p99_target_ms=3.0,
             )
             if args.real:
@@ -474,14 +486,12 @@ async def run(args: argparse.Namespace) -> int:
                     "2. forwarding overhead while serve decodes the tiny transformers model in the "
                     f"background ({rate:.0f} tokens/s streamed)",
                     samples,
+                    p50_target_ms=None,
                     p99_target_ms=10.0,
                 )
             ok &= await cold_loads(r, args.cold_reps, args.real, tiny_dir)
             ok &= await storm(r)
-    if args.gossip:
-        gossip_simulation(shlex.split(args.gossip_args))
-    print(f"\n{'all targets met' if ok else 'some targets MISSED (see MISS above)'}")
-    return 0 if ok else 1
+    return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -496,7 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.proxy_serve:
         asyncio.run(proxy_serve(int(args.proxy_serve[0]), args.proxy_serve[1]))
         return 0
-    return asyncio.run(run(args))
+    ok = asyncio.run(run(args))
+    if args.gossip:  # its entry point runs its own event loops
+        gossip_simulation(shlex.split(args.gossip_args))
+    print(f"\n{'all targets met' if ok else 'some targets MISSED (see MISS above)'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
