@@ -9,7 +9,10 @@
     helexa key                               print a new random mesh key
     helexa chat MODEL [PROMPT]               stream a reply; with no prompt, a small REPL on stdin
 
-Every command takes `--agent URL` (default `$HELEXA_AGENT` or http://127.0.0.1:31313).
+Every command takes `--agent URL` (default `$HELEXA_AGENT` or http://127.0.0.1:31313). On a keyed mesh the
+changing operator calls (load, unload, models add/remove) need the mesh key: `--mesh-key KEY` or
+`$HELEXA_MESH_KEY` (sent as `Authorization: Bearer KEY` to `/mesh/*` only). An agent with client API keys
+needs one for `chat`: `--api-key KEY` or `$HELEXA_API_KEY` (sent to `/v1/*` only).
 Exit codes: 0 ok, 1 the agent refused (its error message is printed as one line on stderr),
 2 bad usage, 3 the agent could not be reached.
 """
@@ -35,8 +38,9 @@ import orjson
 logger = logging.getLogger(__name__)
 
 DEFAULT_AGENT_URL = "http://127.0.0.1:31313"
-# Operator calls are small; a load may take minutes, but the agent answers load requests once the
-# load is decided (and the TUI shows progress), so a generous total bound is enough here.
+# Operator calls are small and read cached state: a generous total bound is enough for them. A load is
+# different: the agent answers `POST /mesh/models/load` once the model *is loaded* (a download can take
+# many minutes, with nothing sent meanwhile), so that call has only the connect bound.
 REQUEST_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
 
@@ -101,10 +105,41 @@ class AgentClient:
     Foreign exceptions stop here: callers see `AgentError` or `AgentUnreachable` only.
     """
 
-    def __init__(self, url: str, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        mesh_key: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.url = agent_url(url)
         self._session = session
         self._owns_session = session is None
+        self._mesh_key = mesh_key or None
+        self._api_key = api_key or None
+
+    def _headers(self, path: str, headers: dict[str, str]) -> dict[str, str]:
+        """Add `Authorization`: the mesh key for the operator API, the client API key for `/v1`; never
+        one to the other (a client key must not be mistaken for the mesh secret, nor leak it)."""
+        key = None
+        if path.startswith("/mesh/"):
+            key = self._mesh_key
+        elif path.startswith("/v1/"):
+            key = self._api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _error(self, path: str, status: int, body: bytes) -> AgentError:
+        error = _error_from(status, body)
+        if status == 401 and path.startswith("/mesh/"):
+            hint = "a wrong mesh key" if self._mesh_key else "no mesh key"
+            error.message += f" ({hint}: pass --mesh-key or set HELEXA_MESH_KEY)"
+        elif status == 401 and path.startswith("/v1/"):
+            hint = "a wrong API key" if self._api_key else "no API key"
+            error.message += f" ({hint}: pass --api-key or set HELEXA_API_KEY)"
+        return error
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -137,20 +172,32 @@ class AgentClient:
             reason = "timed out"
         return AgentUnreachable(f"cannot reach the agent at {self.url}: {reason}")
 
-    async def request_bytes(self, method: str, path: str, payload: Any = None) -> bytes:
+    async def request_bytes(
+        self, method: str, path: str, payload: Any = None, *, long_running: bool = False
+    ) -> bytes:
+        """One call; `long_running` drops the total bound (only connecting is bounded)."""
         data = orjson.dumps(payload) if payload is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else None
+        headers = self._headers(path, {"Content-Type": "application/json"} if data is not None else {})
+        extra: dict[str, Any] = {}
+        if long_running:
+            extra["timeout"] = aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None
+            )
         try:
-            async with self.session.request(method, self.url + path, data=data, headers=headers) as resp:
+            async with self.session.request(
+                method, self.url + path, data=data, headers=headers, **extra
+            ) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
-                    raise _error_from(resp.status, body)
+                    raise self._error(path, resp.status, body)
                 return body
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise self._unreachable(exc) from exc
 
-    async def request(self, method: str, path: str, payload: Any = None) -> Any:
-        body = await self.request_bytes(method, path, payload)
+    async def request(
+        self, method: str, path: str, payload: Any = None, *, long_running: bool = False
+    ) -> Any:
+        body = await self.request_bytes(method, path, payload, long_running=long_running)
         if not body.strip():
             return {}
         try:
@@ -191,7 +238,9 @@ class AgentClient:
         raise AgentError(f"model {model_id!r} is not in the catalogue", status=404, code="model_not_found")
 
     async def load(self, model: str, node: str | None = None) -> Any:
-        return await self.request("POST", "/mesh/models/load", {"model": model, "node": node})
+        """Answered once the model is loaded: no total or read bound (see `REQUEST_TIMEOUT_S`)."""
+        payload = {"model": model, "node": node}
+        return await self.request("POST", "/mesh/models/load", payload, long_running=True)
 
     async def unload(self, model: str, node: str | None = None) -> Any:
         return await self.request("POST", "/mesh/models/unload", {"model": model, "node": node})
@@ -199,7 +248,7 @@ class AgentClient:
     async def _sse(self, method: str, path: str, payload: Any = None) -> AsyncIterator[tuple[str, str]]:
         """Yield `(event, data)` for each SSE message; comments and keep-alives are skipped."""
         data = orjson.dumps(payload) if payload is not None else None
-        headers = {"Accept": "text/event-stream"}
+        headers = self._headers(path, {"Accept": "text/event-stream"})
         if data is not None:
             headers["Content-Type"] = "application/json"
         # A stream has no total timeout: only connect and stall bounds.
@@ -209,7 +258,7 @@ class AgentClient:
                 method, self.url + path, data=data, headers=headers, timeout=timeout
             ) as resp:
                 if resp.status >= 400:
-                    raise _error_from(resp.status, await resp.read())
+                    raise self._error(path, resp.status, await resp.read())
                 event = "message"
                 lines: list[str] = []
                 async for raw in resp.content:
@@ -481,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"agent to talk to (default $HELEXA_AGENT or {DEFAULT_AGENT_URL})",
     )
+    common.add_argument(
+        "--mesh-key",
+        metavar="KEY",
+        default=argparse.SUPPRESS,
+        help="the mesh key, for load/unload/models on a keyed mesh (default $HELEXA_MESH_KEY)",
+    )
+    common.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=argparse.SUPPRESS,
+        help="a client API key, for chat on an agent that requires one (default $HELEXA_API_KEY)",
+    )
     parser = argparse.ArgumentParser(
         prog="helexa", description="Operate a helexa mesh through one of its agents."
     )
@@ -526,7 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with AgentClient(agent_url(getattr(args, "agent", None))) as client:
+    async with AgentClient(
+        agent_url(getattr(args, "agent", None)),
+        mesh_key=getattr(args, "mesh_key", None) or os.environ.get("HELEXA_MESH_KEY"),
+        api_key=getattr(args, "api_key", None) or os.environ.get("HELEXA_API_KEY"),
+    ) as client:
         if args.command == "status":
             return await _status(client, args)
         if args.command == "models":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -323,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="helexa tui", description="The live fleet dashboard.")
     parser.add_argument("--agent", metavar="URL", help="agent to watch (default $HELEXA_AGENT or :31313)")
     parser.add_argument(
+        "--mesh-key",
+        metavar="KEY",
+        help="the mesh key, for load/unload/pin on a keyed mesh (default $HELEXA_MESH_KEY)",
+    )
+    parser.add_argument(
         "--fake-fleet",
         metavar="NODESxGPUS",
         help="watch a simulated fleet instead (demos and the bench), e.g. 50x8",
@@ -341,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes=int(match[1]), gpus_per_node=int(match[2]), interval_s=0.5, clock=time.time, open_mesh=True
         )
     else:
-        source = HttpFleetSource(agent_url(args.agent))
+        source = HttpFleetSource(
+            agent_url(args.agent), mesh_key=args.mesh_key or os.environ.get("HELEXA_MESH_KEY")
+        )
     HelexaApp(source).run()
     return 0

@@ -93,8 +93,10 @@ class HttpFleetSource:
         poll_interval_s: float = POLL_INTERVAL_S,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
+        mesh_key: str | None = None,
     ) -> None:
-        self._client = AgentClient(url)
+        # The mesh key authorises the changing calls (load, unload, pin) on a keyed mesh.
+        self._client = AgentClient(url, mesh_key=mesh_key)
         self._poll_interval_s = poll_interval_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s

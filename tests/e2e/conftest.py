@@ -103,9 +103,11 @@ class Agents:
         port: int = 0,
         state_dir: Path | None = None,
         catalogue: Path | None = None,
+        args: Sequence[str] = (),
     ) -> E2EAgent:
         """`catalogue_toml` is written to a fresh models.toml the agent reads and edits; `catalogue` reuses
-        an existing file (a restart); `entries` keeps the catalogue in memory (no file)."""
+        an existing file (a restart); `entries` keeps the catalogue in memory (no file); `args` are more
+        `helexa agent` flags (e.g. `--mesh-key`)."""
         state_dir = state_dir or self.tmp_path / f"state-{name}-{next(self._ids)}"
         if catalogue_toml is not None:
             catalogue = self.tmp_path / f"{name}-models.toml"
@@ -116,6 +118,7 @@ class Agents:
             argv += ["--catalogue", str(catalogue)]
         for p in peers:
             argv += ["--peer", f"127.0.0.1:{p.port}"]
+        argv += list(args)
         config = load_config(argv, {"HOME": str(self.tmp_path)})
         engine = FakeEngine()
 

@@ -32,19 +32,21 @@ class Result:
     err: str
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HELEXA_AGENT"}
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELEXA_")}
     env["NO_COLOR"] = "1"
-    return env
+    return env | extra
 
 
-async def helexa(*argv: str, agent: E2EAgent | str | None = None) -> Result:
+async def helexa(
+    *argv: str, agent: E2EAgent | str | None = None, env: dict[str, str] | None = None
+) -> Result:
     """Run `helexa ARGV --agent URL` to completion (the agents keep serving on this loop meanwhile)."""
     args = list(argv)
     if agent is not None:
         args += ["--agent", agent if isinstance(agent, str) else agent.url]
     proc = await asyncio.create_subprocess_exec(
-        HELEXA, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env()
+        HELEXA, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(**(env or {}))
     )
     out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -193,3 +195,27 @@ async def test_three_agents_load_and_unload_on_a_named_node(agents: Agents) -> N
     assert unloaded.rc == 0, unloaded.err
     assert unloaded.out.strip() == "e2e/small unloaded from gamma"
     assert await agents.model_status(gamma, "e2e/small", "gamma") is None
+
+
+async def test_keyed_mesh_needs_the_key_for_changes(agents: Agents) -> None:
+    key = "e2e-mesh-key-0123456789abcdef"
+    alpha = await agents.start("alpha", catalogue_toml=CATALOGUE_TOML, args=["--mesh-key", key])
+    status = await helexa("status", agent=alpha)  # reads stay open
+    assert status.rc == 0 and "closed (keyed)" in status.out and "OPEN" not in status.out
+
+    refused = await helexa("load", "small", agent=alpha)
+    assert refused.rc == 1
+    line = one_line(refused.err)
+    assert "HTTP 401" in line and "no mesh key: pass --mesh-key or set HELEXA_MESH_KEY" in line, line
+    wrong = await helexa("models", "remove", "e2e/other", "--mesh-key", "not-the-key", agent=alpha)
+    assert wrong.rc == 1 and "a wrong mesh key" in one_line(wrong.err)
+    assert await agents.model_status(alpha, SMALL, "alpha") is None
+    assert "e2e/other" in await agents.model_ids(alpha)
+
+    loaded = await helexa("load", "small", agent=alpha, env={"HELEXA_MESH_KEY": key})
+    assert loaded.rc == 0 and loaded.out.strip() == "e2e/small is loaded on alpha", loaded.err
+    removed = await helexa("models", "remove", "e2e/other", "--mesh-key", key, agent=alpha)
+    assert removed.rc == 0, removed.err
+    assert "e2e/other" not in await agents.model_ids(alpha)
+    chat = await helexa("chat", "small", "hi", agent=alpha)  # /v1 needs no mesh key (no API keys set)
+    assert chat.rc == 0 and chat.out == "hello world again\n", chat.err

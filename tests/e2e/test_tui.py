@@ -16,7 +16,7 @@ from engine.base import ModelId
 from tui.app import HelexaApp
 from tui.fleet import ConnectionStatus, FleetEvent, FleetState
 from tui.screens import ConfirmScreen, LoadScreen, PinScreen
-from tui.source import FleetSink, HttpFleetSource
+from tui.source import FleetSink, HttpFleetSource, OperatorError
 from tui.widgets import CatalogueTable, DiffTable, EventLog, StatusBar, TopologyTable
 
 from .conftest import CATALOGUE_TOML, Agents
@@ -36,8 +36,10 @@ class RecordingSource(HttpFleetSource):
     """The real HTTP source, fast polling, keeping every state it parsed (to see transient states such
     as a load in progress, which one look at the table could miss)."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url, poll_interval_s=0.1, backoff_initial_s=0.1, backoff_max_s=0.4)
+    def __init__(self, url: str, *, mesh_key: str | None = None) -> None:
+        super().__init__(
+            url, poll_interval_s=0.1, backoff_initial_s=0.1, backoff_max_s=0.4, mesh_key=mesh_key
+        )
         self.states: list[FleetState] = []
 
     async def run(self, sink: FleetSink) -> None:
@@ -273,3 +275,26 @@ async def test_dashboard_over_a_three_agent_mesh(agents: Agents) -> None:
         await until(pilot, lambda: cell(topology, rows[2], "state") == "dead", what="gamma dead")
         assert seen(app, "dead", "gamma")
         await until(pilot, lambda: "2/3 nodes alive" in status_line(app), what="status bar after the death")
+
+
+async def test_dashboard_on_a_keyed_mesh(agents: Agents) -> None:
+    key = "e2e-mesh-key-0123456789abcdef"
+    alpha = await agents.start("alpha", catalogue_toml=CATALOGUE_TOML, args=["--mesh-key", key])
+    keyless = HttpFleetSource(alpha.url)
+    with pytest.raises(OperatorError, match="no mesh key: pass --mesh-key or set HELEXA_MESH_KEY"):
+        await keyless.load_model(SMALL)
+    await keyless.aclose()
+    assert await agents.model_status(alpha, SMALL, "alpha") is None
+
+    source = RecordingSource(alpha.url, mesh_key=key)
+    app = HelexaApp(source, tz=UTC)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "keyed mesh" in status_line(app), what="keyed mesh in the status bar")
+        assert "OPEN MESH" not in status_line(app)
+        await pilot.press("l")
+        await pilot.pause()
+        await pilot.press(*"small", "enter", "enter")
+        await until(
+            pilot, lambda: agents.model_status_is(alpha, SMALL, "alpha", "loaded"), what="loaded with the key"
+        )
+        await until(pilot, lambda: "1 models loaded" in status_line(app), what="shown loaded")
