@@ -241,11 +241,13 @@ async def build_agent(
         catalogue=catalogue_dicts(entries),
     )
     local = LocalCatalogue(entries, path=config.catalogue_path if catalogue is None else None)
+    options = mesh_options or MeshOptions()
     fleet = Fleet(
         initial=record,
         models=neuron.records,
         devices=lambda: HardwareDevices(hw).devices(),
         catalogue=local.records,
+        counts_interval_s=options.record_counts_interval_s,
     )
     neuron.on_change.append(fleet.mark_changed)
     cortex = MeshCortex(fleet=fleet, neuron=neuron, catalogue=view)
@@ -260,7 +262,7 @@ async def build_agent(
         mesh_key=config.mesh_key,
         static_peers=config.peers,
         mdns=config.mdns,
-        options=mesh_options,
+        options=options,
     )
     agent = Agent(
         config=config,
@@ -274,6 +276,14 @@ async def build_agent(
         mesh=mesh,
     )
     agent.drain_hooks.append(mesh.leave)
+
+    def refresh_devices() -> None:
+        # The sampler's last sample (every SAMPLE_INTERVAL_S, and after each load/unload): cached, so a
+        # scrape never probes the hardware itself.
+        if hw.last is not None:
+            _record_devices(metrics, hw.last.devices)
+
+    metrics.add_refresher(refresh_devices)
     return agent
 
 
@@ -488,36 +498,70 @@ async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = No
     return 0
 
 
+# syslog priorities (what journald reads from a `<N>` line prefix) of the logging levels.
+_SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
 class _Formatter(logging.Formatter):
-    """Plain lines; colours only when writing to a terminal."""
+    """Plain lines; colours only on a terminal; syslog priority prefixes under journald.
+
+    Under systemd (stderr is the journal stream) each line starts with `<N>` (journald's
+    `SyslogLevelPrefix`) so `journalctl -p warning` filters by level, and carries no timestamp (the
+    journal records its own). Elsewhere: `time LEVEL logger: message`, coloured only on a terminal.
+    """
 
     COLOURS = {"DEBUG": "\033[2m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[1;31m"}
 
-    def __init__(self, *, colour: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.colour = colour
+    def __init__(self, *, colour: bool, journald: bool = False) -> None:
+        fmt = (
+            "%(levelname)s %(name)s: %(message)s"
+            if journald
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        super().__init__(fmt)
+        self.colour = colour and not journald
+        self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        if self.journald:
+            # One journal entry per line: a traceback's lines would each become an entry of their own.
+            return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>" + text.replace("\n", "\n    ")
         if self.colour and record.levelname in self.COLOURS:
             return f"{self.COLOURS[record.levelname]}{text}\033[0m"
         return text
 
 
-def configure_logging(level: str, *, stream: Any = None) -> None:
-    """The agent's logging: one handler on the root logger, level from the config."""
+def _is_journal(stream: Any, environ: Mapping[str, str]) -> bool:
+    """True when `stream` is systemd's journal stream (`JOURNAL_STREAM` names its device and inode)."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def configure_logging(level: str, *, stream: Any = None, environ: Mapping[str, str] | None = None) -> None:
+    """The agent's logging: one handler on the root logger, level from the config (`--log-level`,
+    `HELEXA_LOG_LEVEL`). Colour only on a terminal (and never with `NO_COLOR`); journald gets priority
+    prefixes instead (see `_Formatter`)."""
+    env = os.environ if environ is None else environ
     out = stream or sys.stderr
     handler = logging.StreamHandler(out)
-    colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
-    handler.setFormatter(_Formatter(colour=colour))
+    journald = _is_journal(out, env)
+    colour = bool(getattr(out, "isatty", lambda: False)()) and not env.get("NO_COLOR") and not journald
+    handler.setFormatter(_Formatter(colour=colour, journald=journald))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     # aiohttp's access log is off (access_log=None); keep its other chatter at warning unless debugging.
-    if level != "debug":
-        logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING if level != "debug" else logging.NOTSET)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,16 @@ are coalesced: `mark_changed()` schedules one rebuild on the next loop iteration
 arrive in between, so a burst of requests costs one rebuild, not hundreds. `beat()` advances the
 heartbeat without a new version (failure detection watches the heartbeat; gossip carries it).
 
+Count-only changes are rate-limited. Every new version makes gossip carry the whole record again, and a
+busy agent's request counters (`in_flight`, `queued`, `requests_total`, `tokens_per_s`, `ttft_s`,
+`last_used`) move with every request: publishing each would re-gossip the record every round. So a
+rebuild whose only differences are those counters, or device readings that moved less than
+`SIGNIFICANT_CHANGE_MB` (utilisation, temperature, allocator noise), is published at most every
+`counts_interval_s` (the first at once after a quiet spell, the rest batched). Anything else (a model
+loading, loaded, failed, unloading or gone, load progress, memory moving significantly, catalogue,
+draining) is published at once and carries the pending counts with it. `live_record` is always current
+(it is what routing reads for this node); `self_record` is the last published version.
+
 Peers' records arrive through gossip (`mesh.gossip` merges into `peers` with `mesh.merge`); their
 liveness comes from a pluggable function (`mesh.membership.FailureDetector.liveness`), defaulting to
 "alive" for every known peer. `routable_nodes()` is what routing chooses among: this node unless it is
@@ -23,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+from .hardware import SIGNIFICANT_CHANGE_MB
 from .records import DeviceRecord, Liveness, ModelRecord, NodeId, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -35,6 +47,32 @@ Subscriber = Callable[[NodeRecord], None]
 
 # Heartbeat advances that end an avoid mark: one could be a relayed beat older than the failure.
 AVOID_HEARTBEAT_ADVANCE = 2
+# Count-only changes of this node's record are published at most this often. Two gossip intervals: the
+# counters feed least-busy routing and the dashboard, which a 2 s old figure serves as well as a fresh
+# one, while a busy agent's record is no longer re-sent whole on every round (see the module doc).
+COUNTS_INTERVAL_S = 2.0
+
+# ModelRecord fields that move with every request (rate-limited); any other field is a status change.
+_COUNT_FIELDS = ("in_flight", "queued", "requests_total", "tokens_per_s", "ttft_s", "last_used")
+# DeviceRecord fields that drift all the time; free memory counts only when it moves significantly.
+_DEVICE_DRIFT_FIELDS = ("memory_free_mb", "utilization", "temperature_c")
+
+
+def counts_only(old: NodeRecord, new: NodeRecord) -> bool:
+    """True when `new` differs from `old` only in request counters and insignificant device drift."""
+    if dataclasses.replace(new, models=old.models, devices=old.devices) != old:
+        return False
+    if len(old.models) != len(new.models) or len(old.devices) != len(new.devices):
+        return False
+    for a, b in zip(old.models, new.models, strict=True):
+        if dataclasses.replace(b, **{f: getattr(a, f) for f in _COUNT_FIELDS}) != a:
+            return False
+    for d, e in zip(old.devices, new.devices, strict=True):
+        if dataclasses.replace(e, **{f: getattr(d, f) for f in _DEVICE_DRIFT_FIELDS}) != d:
+            return False
+        if abs(d.memory_free_mb - e.memory_free_mb) >= SIGNIFICANT_CHANGE_MB:
+            return False
+    return True
 
 
 class Fleet:
@@ -47,11 +85,16 @@ class Fleet:
         models: Callable[[], tuple[ModelRecord, ...]] = tuple,
         devices: Callable[[], tuple[DeviceRecord, ...]] = tuple,
         catalogue: Callable[[], tuple[dict[str, object], ...]] = tuple,
+        counts_interval_s: float = COUNTS_INTERVAL_S,
     ) -> None:
         self._models = models
         self._devices = devices
         self._catalogue = catalogue
         self._self = initial
+        self._live = initial
+        self.counts_interval_s = counts_interval_s
+        self._published_at = -math.inf  # time.monotonic() of the last published version
+        self._counts_timer: asyncio.TimerHandle | None = None
         self.peers: dict[NodeId, NodeRecord] = {}
         self.liveness: Callable[[NodeId], Liveness | None] = lambda node_id: (
             "alive" if node_id in self.peers else None
@@ -71,7 +114,13 @@ class Fleet:
 
     @property
     def self_record(self) -> NodeRecord:
+        """The last published version of this node's record (what gossip carries)."""
         return self._self
+
+    @property
+    def live_record(self) -> NodeRecord:
+        """This node's record as of the last rebuild, unpublished counters included (routing reads it)."""
+        return self._live
 
     @property
     def node_id(self) -> NodeId:
@@ -101,14 +150,22 @@ class Fleet:
 
     def _scheduled_rebuild(self) -> None:
         self._rebuild_scheduled = False
-        self.rebuild()
+        self._rebuild(urgent=False)
+
+    def _counts_due(self) -> None:
+        self._counts_timer = None
+        self._rebuild(urgent=True)
 
     def rebuild(self, **changes: Any) -> NodeRecord:
-        """Rebuild this node's record now from its sources, with `version + 1` if anything differs.
+        """Rebuild this node's record now from its sources, with `version + 1` if anything differs
+        (published at once, whatever changed).
 
         Keyword `changes` override record fields (address, port, labels...) from now on.
         """
         self._overrides.update(changes)
+        return self._rebuild(urgent=True)
+
+    def _rebuild(self, *, urgent: bool) -> NodeRecord:
         current = self._self
         candidate = dataclasses.replace(
             current,
@@ -119,9 +176,19 @@ class Fleet:
             left=self._left,
             **self._overrides,
         )
+        self._live = candidate
         if candidate == current:
+            self._cancel_counts_timer()
             return current
+        if not urgent and counts_only(current, candidate):
+            wait_s = self._published_at + self.counts_interval_s - time.monotonic()
+            if wait_s > 0:
+                self._defer(wait_s)
+                return current
+        self._cancel_counts_timer()
         self._self = dataclasses.replace(candidate, version=current.version + 1)
+        self._live = self._self
+        self._published_at = time.monotonic()
         for callback in list(self._subscribers):
             try:
                 callback(self._self)
@@ -129,15 +196,37 @@ class Fleet:
                 log.exception("fleet subscriber failed")
         return self._self
 
+    def _defer(self, wait_s: float) -> None:
+        """Publish the pending count changes in `wait_s` (one timer however many changes arrive)."""
+        if self._counts_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to wait on: publish now
+            self._rebuild(urgent=True)
+            return
+        self._counts_timer = loop.call_later(wait_s, self._counts_due)
+
+    def _cancel_counts_timer(self) -> None:
+        if self._counts_timer is not None:
+            self._counts_timer.cancel()
+            self._counts_timer = None
+
+    def close(self) -> None:
+        """Drop a pending deferred publish (the agent is stopping)."""
+        self._cancel_counts_timer()
+
     def adopt_key(self, generation: int, version: int) -> None:
         """Continue from a (generation, version) set elsewhere (gossip refuted a stale record of us)."""
         if (generation, version) > self._self.key:
             self._self = dataclasses.replace(self._self, generation=generation, version=version)
+            self._live = dataclasses.replace(self._live, generation=generation, version=version)
             self._overrides["generation"] = generation
 
     def beat(self) -> NodeRecord:
         """Advance the heartbeat (no version change: only the heartbeat moved)."""
         self._self = dataclasses.replace(self._self, heartbeat=self._self.heartbeat + 1)
+        self._live = dataclasses.replace(self._live, heartbeat=self._self.heartbeat)
         return self._self
 
     def set_draining(self, draining: bool = True) -> None:
@@ -153,7 +242,7 @@ class Fleet:
 
     def nodes(self) -> list[NodeRecord]:
         """This node first, then every known peer (any liveness), by name."""
-        return [self._self, *sorted(self.peers.values(), key=lambda r: (r.name, r.node_id))]
+        return [self._live, *sorted(self.peers.values(), key=lambda r: (r.name, r.node_id))]
 
     def avoid(self, node_id: NodeId, *, for_s: float) -> None:
         """Take a peer out of routing now (this agent just failed to reach it); see the module doc."""
@@ -180,7 +269,7 @@ class Fleet:
         """Nodes routing may choose: this node (unless draining) and live peers not draining or left."""
         out: list[NodeRecord] = []
         if not self._self.draining and not self._self.left:
-            out.append(self._self)
+            out.append(self._live)  # this node's own counters as they are now, published or not
         # Never route to a peer's loopback address unless this node is on loopback too (a whole mesh on
         # one host, as in tests): a peer advertising 127.0.0.1 would make us send traffic to ourselves.
         local_mesh = _is_loopback(self._self.address)

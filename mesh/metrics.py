@@ -11,7 +11,7 @@ in one test process. Families (names are a contract; label sets in braces):
     helexa_model_loads_total{model,result}                result: ok|error
     helexa_model_load_duration_seconds{model}             histogram
     helexa_model_unloads_total{model}
-    helexa_evictions_total{reason}
+    helexa_evictions_total{reason}                        reason: memory (room for another model)|idle
     helexa_in_flight_requests{model}                      gauge
     helexa_queued_requests{model}                         gauge
     helexa_peers{state}                                   gauge; state: alive|suspect|dead
@@ -22,17 +22,23 @@ in one test process. Families (names are a contract; label sets in braces):
     helexa_device_utilization_ratio{device}               gauge, 0..1
 
 Others record through the small typed methods below (never through the prometheus objects), so the
-label sets stay consistent. `render()` is the `/metrics` body (`CONTENT_TYPE`).
+label sets stay consistent. `render()` is the `/metrics` body (`CONTENT_TYPE`). State that lives
+elsewhere and changes all the time (gossip counters, peer liveness, the last hardware sample) is copied
+in by *refreshers* (`add_refresher`) that `render()` runs first: each reads cached state synchronously,
+so a scrape is always current and never waits on the engine or the network.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
@@ -125,6 +131,10 @@ class Metrics:
         )
         for state in PEER_STATES:
             self._peers.labels(state).set(0)
+        # What `gossip_totals` has already counted (the gossip's own counters are monotonic totals).
+        self._gossip_rounds_seen = 0
+        self._gossip_bytes_seen = 0
+        self._refreshers: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------------------------------- requests
 
@@ -155,7 +165,8 @@ class Metrics:
         self._unloads.labels(model).inc()
 
     def evicted(self, *, reason: str) -> None:
-        """A model was evicted (`reason`: e.g. `memory`, `idle`)."""
+        """The agent unloaded a model on its own: `memory` (to make room for another model) or `idle`
+        (its keep_alive ran out). Operator unloads and faults are not evictions."""
         self._evictions.labels(reason).inc()
 
     def set_model_load(self, *, model: str, in_flight: int, queued: int) -> None:
@@ -179,6 +190,18 @@ class Metrics:
         self._gossip_rounds.inc()
         self._gossip_bytes.inc(bytes_total)
 
+    def gossip_totals(self, *, rounds: int, bytes_total: int) -> None:
+        """Catch up with the gossip's own running totals (rounds run, bytes sent + received).
+
+        Counts the increase since the last call; totals that went backwards (a new gossip object) are
+        taken as the new baseline, so the counters never decrease."""
+        if rounds > self._gossip_rounds_seen:
+            self._gossip_rounds.inc(rounds - self._gossip_rounds_seen)
+        if bytes_total > self._gossip_bytes_seen:
+            self._gossip_bytes.inc(bytes_total - self._gossip_bytes_seen)
+        self._gossip_rounds_seen = rounds
+        self._gossip_bytes_seen = bytes_total
+
     def set_device(
         self, *, device: str, used_bytes: int, total_bytes: int, utilization_ratio: float | None = None
     ) -> None:
@@ -189,6 +212,15 @@ class Metrics:
 
     # ------------------------------------------------------------------------------------------ output
 
+    def add_refresher(self, refresh: Callable[[], None]) -> None:
+        """Run `refresh()` before every `render()`: it copies cached state in (synchronous, cheap)."""
+        self._refreshers.append(refresh)
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
+        """The Prometheus text exposition of this registry (refreshers first; one failing is logged)."""
+        for refresh in list(self._refreshers):
+            try:
+                refresh()
+            except Exception:
+                log.exception("metrics refresher failed")
         return generate_latest(self.registry)

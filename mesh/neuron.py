@@ -93,6 +93,8 @@ class NeuronTiming:
 
 
 EventKind = Literal["loading", "loaded", "load_failed", "unloaded", "evicted", "fault"]
+# Why the agent unloads a model on its own (the `reason` label of `helexa_evictions_total`).
+Eviction = Literal["memory", "idle"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -548,10 +550,13 @@ class Neuron:
             victim_slots = [self._slots[v] for v in victims if v in self._slots]
             for victim in victim_slots:
                 # Out of routing now, under the lock: nothing can reserve them any more.
-                log.info(
-                    "evicting %s (idle, least recently used) to make room for %s", victim.entry.id, entry.id
+                log.warning(
+                    "evicting %s (%d MB, idle, least recently used) to make room for %s",
+                    victim.entry.id,
+                    victim.memory_mb,
+                    entry.id,
                 )
-                self._begin_unload(victim, reason=f"evicted for {entry.id}", evicted=True)
+                self._begin_unload(victim, reason=f"evicted for {entry.id}", eviction="memory")
         for victim in victim_slots:
             if victim.unload_task is not None:
                 await asyncio.wait({victim.unload_task})
@@ -571,18 +576,23 @@ class Neuron:
 
     # --- unloading ---------------------------------------------------------------------------------
 
-    def _begin_unload(self, slot: _Slot, *, reason: str, evicted: bool = False) -> None:
-        """Mark `slot` unloading and start its unload task. Call with no awaits before acting."""
+    def _begin_unload(self, slot: _Slot, *, reason: str, eviction: Eviction | None = None) -> None:
+        """Mark `slot` unloading and start its unload task. Call with no awaits before acting.
+
+        `eviction`: why the agent unloads it on its own (`memory`: room for another model; `idle`: its
+        keep_alive ran out), counted in `helexa_evictions_total`; None for operator unloads."""
         if slot.status != "loaded" or slot.model is None:
             return
         slot.status = "unloading"
         model = slot.model
         slot.unload_task = self._spawn(
-            self._finish_unload(slot, model, reason, evicted), name=f"unload {slot.entry.id}"
+            self._finish_unload(slot, model, reason, eviction), name=f"unload {slot.entry.id}"
         )
         self._changed()
 
-    async def _finish_unload(self, slot: _Slot, model: LoadedModel, reason: str, evicted: bool) -> None:
+    async def _finish_unload(
+        self, slot: _Slot, model: LoadedModel, reason: str, eviction: Eviction | None
+    ) -> None:
         try:
             # Requests still holding it (an explicit unload) finish first.
             await slot.idle.wait()
@@ -595,11 +605,11 @@ class Neuron:
             if self._metrics is not None:
                 self._metrics.model_unloaded(model=slot.entry.id)
                 self._metrics.forget_model(model=slot.entry.id)
-                if evicted:
-                    self._metrics.evicted(reason="memory")
+                if eviction is not None:
+                    self._metrics.evicted(reason=eviction)
             self._emit(
                 NeuronEvent(
-                    kind="evicted" if evicted else "unloaded",
+                    kind="evicted" if eviction == "memory" else "unloaded",
                     model=slot.entry.id,
                     at=time.time(),
                     devices=slot.devices,
@@ -646,7 +656,7 @@ class Neuron:
             keep_alive = slot.entry.keep_alive_s
             if keep_alive is not None and keep_alive <= 0 and slot.queued == 0:
                 # keep_alive = 0: unload right after the last request.
-                self._begin_unload(slot, reason="keep_alive")
+                self._begin_unload(slot, reason="keep_alive", eviction="idle")
         self._counts_changed(slot)
 
     def reap_idle(self) -> list[ModelId]:
@@ -658,7 +668,7 @@ class Neuron:
             if slot.status != "loaded" or keep_alive is None:
                 continue
             if slot.in_flight == 0 and slot.queued == 0 and now - slot.last_used_mono >= keep_alive:
-                self._begin_unload(slot, reason="keep_alive")
+                self._begin_unload(slot, reason="keep_alive", eviction="idle")
                 reaped.append(slot.entry.id)
         return reaped
 

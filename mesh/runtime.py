@@ -16,7 +16,10 @@
   one node going away, and a removal (a tombstone: `removed = true` with a higher version) spreads;
 - **preload**: `preload = true` entries load on one node, the first in placement order once the view
   has settled, not on every node;
-- **graceful leave** on drain: peers mark this node `left`, not dead.
+- **graceful leave** on drain: peers mark this node `left`, not dead;
+- **metrics and logs**: `helexa_peers` follows membership (and is recomputed at every scrape with the
+  gossip counters, from cached state); peer state changes are logged at warning (`PeerStateLog`: a
+  flapping peer once per kind of change, then at debug).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +52,18 @@ from .timing import DEFAULT_TIMING, EVENT_KEEPALIVE_S, MeshTiming
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalCatalogue", "MeshOptions", "MeshRuntime", "newest_entries"]
+__all__ = ["LocalCatalogue", "MeshOptions", "MeshRuntime", "PeerStateLog", "newest_entries"]
 
 # Preload waits this many gossip intervals after start so the fleet view has settled (peers known,
 # their models visible) before deciding which single node loads a `preload` entry.
 PRELOAD_SETTLE_ROUNDS = 3
-# How often gossip byte counters and peer counts go to the metrics.
-METRICS_INTERVAL_S = 5.0
+# Count-only changes of this node's record (requests in flight, totals, rates) are published at most every
+# this many gossip intervals (`Fleet.counts_interval_s`; 2 s in production): fresh enough for least-busy
+# routing and the dashboard, without re-gossiping a busy agent's whole record on every round.
+COUNTS_PUBLISH_ROUNDS = 2
+# A peer's repeated change of the same kind (suspect again, alive again...) within this window is logged
+# at debug: a flapping peer gets one warning per kind of change, not one per round.
+PEER_LOG_QUIET_S = 300.0
 
 _NEURON_EVENT_KINDS: dict[str, EventKind] = {
     "loading": "load_started",
@@ -78,6 +87,72 @@ class MeshOptions:
     preload_settle_s: float | None = None
     # SSE keep-alive comment interval of `/mesh/events`.
     events_keepalive_s: float = EVENT_KEEPALIVE_S
+    # Seconds between publications of count-only changes of this node's record (default:
+    # COUNTS_PUBLISH_ROUNDS gossip intervals, so a scaled test timing shrinks it too).
+    counts_interval_s: float | None = None
+
+    @property
+    def record_counts_interval_s(self) -> float:
+        if self.counts_interval_s is not None:
+            return self.counts_interval_s
+        return COUNTS_PUBLISH_ROUNDS * self.timing.gossip_interval_s
+
+
+class PeerStateLog:
+    """Logs peers' liveness changes for operators: joins at info; suspect, dead, left and rejoins
+    (alive again, or restarted) at warning, except that the same kind of change of the same peer within
+    `quiet_s` of the last warning about it goes to debug (a flapping peer is logged once, then quietly).
+    """
+
+    def __init__(self, *, quiet_s: float = PEER_LOG_QUIET_S, clock: Callable[[], float] = time.monotonic):
+        self.quiet_s = quiet_s
+        self._clock = clock
+        self._warned: dict[tuple[str, str], float] = {}
+
+    def level(self, ev: MembershipEvent) -> int:
+        """The level `ev` is logged at (and remember a warning)."""
+        kind = self._kind(ev)
+        if kind is None:
+            joined = ev.previous is None and ev.current in ("alive", "suspect")
+            return logging.INFO if joined else logging.DEBUG
+        now = self._clock()
+        key = (str(ev.node_id), kind)
+        last = self._warned.get(key)
+        if last is not None and now - last < self.quiet_s:
+            return logging.DEBUG
+        if len(self._warned) > 4096:
+            self._warned.clear()
+        self._warned[key] = now
+        return logging.WARNING
+
+    @staticmethod
+    def _kind(ev: MembershipEvent) -> str | None:
+        if ev.restarted:
+            return "restarted"
+        if ev.previous is None:
+            return None  # first heard of (a join; or a relayed record of a node long gone)
+        if ev.current in ("suspect", "dead", "left"):
+            return ev.current
+        if ev.current == "alive" and ev.previous in ("suspect", "dead", "left"):
+            return "rejoined"
+        return None  # a new peer, or forgotten
+
+    def log(self, ev: MembershipEvent) -> None:
+        level = self.level(ev)
+        if not log.isEnabledFor(level):
+            return
+        kind = self._kind(ev)
+        what = {
+            "suspect": "is suspect (no heartbeat lately)",
+            "dead": "is dead (no heartbeat): out of routing",
+            "left": "left the mesh",
+            "rejoined": f"is alive again (was {ev.previous})",
+            "restarted": f"restarted (generation {ev.generation}), now {ev.current}",
+        }.get(kind or "", f"{ev.previous or 'new'} -> {ev.current}")
+        if ev.previous is None and not ev.restarted:
+            what = f"joined ({ev.current})" if ev.current in ("alive", "suspect") else f"seen ({ev.current})"
+        quiet = f" (repeats within {self.quiet_s:.0f} s at debug)" if level == logging.WARNING else ""
+        log.log(level, "peer %s (%s) %s%s", ev.name, str(ev.node_id)[:8], what, quiet)
 
 
 def _canonical(entry: Mapping[str, object]) -> bytes:
@@ -213,8 +288,10 @@ class MeshRuntime:
         self._parsed: dict[bytes, ModelEntry | None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
+        self.peer_log = PeerStateLog()
         self._wire()
         self.refresh_catalogue()
+        metrics.add_refresher(self.refresh_metrics)
 
     @property
     def open(self) -> bool:
@@ -269,7 +346,9 @@ class MeshRuntime:
             self.refresh_catalogue()
 
     def _on_membership(self, ev: MembershipEvent) -> None:
+        self.peer_log.log(ev)
         self.bus.publish(membership_event(ev))
+        self._count_peers()
         # Entries held only by nodes that died or left drop out of (or come back into) the view.
         self.refresh_catalogue()
 
@@ -414,7 +493,6 @@ class MeshRuntime:
         self._running = True
         self.fleet.rebuild()
         self._spawn(self.gossip.run(), "gossip")
-        self._spawn(self._metrics_loop(), "gossip metrics")
         self._spawn(self._preload(), "preload")
         if self.mdns:
             self._spawn(self._start_discovery(advertise_address), "mdns")
@@ -422,6 +500,7 @@ class MeshRuntime:
             yield
         finally:
             self._running = False
+            self.fleet.close()
             for task in list(self._tasks):
                 task.cancel()
             for task in list(self._tasks):
@@ -466,22 +545,22 @@ class MeshRuntime:
         self.discovery = discovery
         await discovery.start()
 
-    async def _metrics_loop(self) -> None:
-        last = 0
-        while True:
-            await asyncio.sleep(METRICS_INTERVAL_S)
-            stats = self.gossip.stats
-            total = stats.bytes_sent + stats.bytes_received
-            self.metrics.gossip_round(bytes_total=total - last)
-            last = total
-            counts: dict[PeerState, int] = {"alive": 0, "suspect": 0, "dead": 0}
-            for nid in self.gossip.view:
-                if nid == self.fleet.node_id:
-                    continue
-                state = self.gossip.liveness(nid)
-                if state in ("alive", "suspect", "dead"):
-                    counts[state] += 1
-            self.metrics.set_peers(counts)
+    def _count_peers(self) -> None:
+        """`helexa_peers` from the failure detector's view (left and forgotten peers are not counted)."""
+        counts: dict[PeerState, int] = {"alive": 0, "suspect": 0, "dead": 0}
+        for nid in self.gossip.view:
+            if nid == self.fleet.node_id:
+                continue
+            state = self.gossip.liveness(nid)
+            if state in ("alive", "suspect", "dead"):
+                counts[state] += 1
+        self.metrics.set_peers(counts)
+
+    def refresh_metrics(self) -> None:
+        """Before each scrape: gossip totals and peer counts, from cached state only."""
+        stats = self.gossip.stats
+        self.metrics.gossip_totals(rounds=stats.rounds, bytes_total=stats.bytes_sent + stats.bytes_received)
+        self._count_peers()
 
     async def _preload(self) -> None:
         """Load each `preload` entry on ONE node: the first in placement order, once the view settled."""

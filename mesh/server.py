@@ -288,6 +288,7 @@ class _Outcome:
     model: str = "-"  # the resolved catalogue id; never the raw client string (label cardinality)
     route: Route = "local"
     node: str | None = None
+    source: Literal["client", "peer"] = "client"  # peer: forwarded here by the entry agent
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -331,14 +332,21 @@ def _record(request: web.Request, outcome: _Outcome) -> None:
         duration_s=duration_s,
         node=outcome.node,
     )
+    # One line per request (logfmt-like, so journald and log shippers can split it). A forwarded request
+    # is logged by both agents: the entry agent (route=forwarded, node = the serving node; tokens and
+    # TTFT are the serving agent's to count, "-" here) and the serving one (route=local source=peer).
+    forwarded = outcome.route == "forwarded"
     logger.info(
-        "%s model=%s route=%s status=%d prompt_tokens=%d completion_tokens=%d ttft_ms=%s duration_ms=%.1f",
+        "%s model=%s route=%s node=%s source=%s status=%d prompt_tokens=%s completion_tokens=%s"
+        " ttft_ms=%s duration_ms=%.1f",
         outcome.kind,
         outcome.model,
         outcome.route,
+        outcome.node or "-",
+        outcome.source,
         outcome.status,
-        outcome.prompt_tokens,
-        outcome.completion_tokens,
+        "-" if forwarded else outcome.prompt_tokens,
+        "-" if forwarded else outcome.completion_tokens,
         "-" if outcome.ttft_s is None else f"{outcome.ttft_s * 1000:.1f}",
         duration_s * 1000,
     )
@@ -401,7 +409,10 @@ async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.Str
     body = await request.read()
     job = _parse(kind, body)
     cortex = request.app[CORTEX]
-    decision = cortex.route(job.model, forwarded=FORWARDED_HEADER in request.headers)
+    from_peer = FORWARDED_HEADER in request.headers
+    if from_peer:
+        outcome.source = "peer"
+    decision = cortex.route(job.model, forwarded=from_peer)
     outcome.model = decision.entry.id
     if isinstance(decision, RemoteDecision):
         return await _forward(request, decision, body, outcome)

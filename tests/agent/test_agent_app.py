@@ -26,7 +26,8 @@ def fake() -> FakeEngine:
 async def _start(
     aiohttp_server: AiohttpServer, tmp_path: Path, fake: FakeEngine, entries: list
 ) -> tuple[str, web.Application]:
-    config = load_config(["--state-dir", str(tmp_path / "state"), "--name", "t1"], {"HOME": str(tmp_path)})
+    argv = ["--state-dir", str(tmp_path / "state"), "--name", "t1", "--no-mdns"]  # hermetic: no multicast
+    config = load_config(argv, {"HOME": str(tmp_path)})
     app = await build_app(config, engine_for=lambda e, d: fake, catalogue=entries, neuron_timing=FAST)
     server = await aiohttp_server(app)
     return f"http://127.0.0.1:{server.port}", app

@@ -26,6 +26,7 @@ async def _start_agent(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.P
         "127.0.0.1",
         "--port",
         "0",
+        "--no-mdns",  # hermetic: no multicast on the test host's interfaces
         *args,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

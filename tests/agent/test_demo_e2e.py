@@ -18,7 +18,7 @@ async def test_chat_with_the_demo_model_through_the_default_catalogue(aiohttp_se
         "the demo model is not installed in catalogue/demo"
     )
     config = load_config(
-        ["--state-dir", str(tmp_path / "state"), "--name", "demo-node"], {"HOME": str(tmp_path)}
+        ["--state-dir", str(tmp_path / "state"), "--name", "demo-node", "--no-mdns"], {"HOME": str(tmp_path)}
     )
     app = await build_app(config)  # real catalogue (created from the packaged default), real engine
     server = await aiohttp_server(app)
@@ -75,7 +75,7 @@ async def test_real_engine_with_a_tiny_model_from_a_catalogue_file(aiohttp_serve
     )
     (etc / "helexa.toml").write_text('catalogue = "models.toml"\nname = "tiny-node"\n')
     config = load_config(
-        ["--config", str(etc / "helexa.toml"), "--state-dir", str(tmp_path / "state")],
+        ["--config", str(etc / "helexa.toml"), "--state-dir", str(tmp_path / "state"), "--no-mdns"],
         {"HOME": str(tmp_path)},
     )
     app = await build_app(config)
