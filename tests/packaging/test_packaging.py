@@ -321,6 +321,20 @@ def demo_files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in demo.rglob("*") if p.is_file()) if demo.is_dir() else []
 
 
+def package_files() -> list[str]:
+    """Every module and data file of the four top-level packages, subpackages included."""
+    found = []
+    for top in ("mesh", "engine", "catalogue", "tui"):
+        for p in (ROOT / top).rglob("*"):
+            if (
+                p.is_file()
+                and "__pycache__" not in p.parts
+                and p.suffix in {".py", ".tcss", ".toml", ".typed"}
+            ):
+                found.append(str(p.relative_to(ROOT)))
+    return sorted(found)
+
+
 @pytest.mark.slow
 def test_sdist_and_wheel_carry_the_package_data(built: Built) -> None:
     with tarfile.open(built.sdist) as tar:
@@ -328,7 +342,13 @@ def test_sdist_and_wheel_carry_the_package_data(built: Built) -> None:
     with zipfile.ZipFile(built.wheel) as whl:
         in_wheel = set(whl.namelist())
         entry_points = whl.read(f"helexa-{VERSION}.dist-info/entry_points.txt").decode()
-    for wanted in ["catalogue/models.toml", "catalogue/py.typed", "mesh/cli.py", *demo_files()]:
+    for wanted in [
+        "catalogue/models.toml",
+        "catalogue/py.typed",
+        "mesh/cli.py",
+        *package_files(),
+        *demo_files(),
+    ]:
         assert wanted in in_sdist, f"{wanted} is missing from the sdist"
         assert wanted in in_wheel, f"{wanted} is missing from the wheel"
     assert "helexa = mesh.cli:main" in entry_points
