@@ -134,3 +134,92 @@ async def test_fleet_record_versions_and_coalescing(setup) -> None:
     fleet.set_draining()
     assert fleet.self_record.draining and fleet.self_record.version == version + 1
     assert fleet.routable_nodes() == []
+
+
+def _cpu(free_mb: int) -> tuple[DeviceRecord, ...]:
+    return (DeviceRecord(name="cpu", kind="cpu", model="cpu", memory_total_mb=1000, memory_free_mb=free_mb),)
+
+
+async def _requests(rig: Rig, model: str, n: int) -> None:
+    for _ in range(n):
+        async with rig.neuron.acquire(entry(model)):
+            pass
+        await asyncio.sleep(0)  # the coalesced rebuild after each request
+
+
+async def test_count_only_changes_wait_status_changes_do_not(rig: Rig) -> None:
+    """Request counters and small device drift are held back (interval 30 s: never within this test);
+    a load, an unload or a significant memory move publishes at once, pending counters included."""
+    devices = [_cpu(900)]
+    fleet = Fleet(
+        initial=_node("m-self", "self"),
+        models=rig.neuron.records,
+        devices=lambda: devices[0],
+        counts_interval_s=30.0,
+    )
+    rig.neuron.on_change.append(fleet.mark_changed)
+    published: list[NodeRecord] = []
+    fleet.subscribe(published.append)
+
+    await rig.neuron.ensure_loaded(entry("a"))
+    await asyncio.sleep(0)
+    loaded = fleet.self_record
+    assert (m := loaded.model("a")) is not None and m.status == "loaded"  # a status change: at once
+
+    await _requests(rig, "a", 5)
+    devices[0] = _cpu(850)  # 50 MB of drift: noise
+    fleet.mark_changed()
+    await asyncio.sleep(0)
+    assert fleet.self_record is loaded  # nothing new published
+    assert (m := fleet.self_record.model("a")) is not None and m.requests_total == 0
+    # Routing reads this node's live counters all the same.
+    live = fleet.routable_nodes()[0]
+    assert live is fleet.live_record and live.version == loaded.version
+    assert (m := live.model("a")) is not None and m.requests_total == 5 and live.devices == _cpu(850)
+
+    # A status change publishes at once, with the pending counters.
+    await rig.neuron.ensure_loaded(entry("b"))
+    await asyncio.sleep(0)
+    now = fleet.self_record
+    assert now.version > loaded.version and now is published[-1]
+    assert (m := now.model("a")) is not None and m.requests_total == 5
+    assert (m := now.model("b")) is not None and m.status == "loaded"
+
+    # A significant move of free memory publishes at once too.
+    before = fleet.self_record.version
+    devices[0] = _cpu(500)
+    fleet.mark_changed()
+    await asyncio.sleep(0)
+    assert fleet.self_record.version == before + 1 and fleet.self_record.devices == _cpu(500)
+
+    # So does an unload.
+    await rig.neuron.unload("b")
+    await asyncio.sleep(0)
+    assert fleet.self_record.model("b") is None and fleet.self_record.version > before + 1
+    # Every publication is one version up from the last: nothing skipped or reordered.
+    versions = [r.version for r in published]
+    assert versions == list(range(versions[0], versions[0] + len(versions)))
+    fleet.close()
+
+
+async def test_held_back_counters_are_published_within_the_interval(rig: Rig) -> None:
+    fleet = Fleet(initial=_node("m-self", "self"), models=rig.neuron.records, counts_interval_s=0.05)
+    rig.neuron.on_change.append(fleet.mark_changed)
+    await rig.neuron.ensure_loaded(entry("a"))
+    await asyncio.sleep(0.1)  # a quiet spell longer than the interval
+    version = fleet.self_record.version
+    # The first count change after a quiet spell goes out at once...
+    await _requests(rig, "a", 1)
+    assert fleet.self_record.version == version + 1
+    # ...the next ones within the interval wait for it, with no further trigger needed.
+    await _requests(rig, "a", 5)
+
+    def published(n: int) -> bool:
+        m = fleet.self_record.model("a")
+        return m is not None and m.requests_total == n
+
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while not published(6):
+        assert asyncio.get_running_loop().time() < deadline, "the held-back counters were never published"
+        await asyncio.sleep(0.01)
+    fleet.close()
