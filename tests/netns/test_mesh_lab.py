@@ -220,6 +220,12 @@ async def test_60_simultaneous_first_requests_over_three_agents_load_once(lab: L
     clients = [lab.client(name, timeout_s=60) for name in NAMES]
     async with aiohttp.ClientSession() as http:
         assert await serving(http, lab, model, among=NAMES) == set()
+        # What each agent believes about every node's free memory (placement ranks by it): shown when
+        # the agents placed the model on different nodes.
+        memory_views = {
+            name: {n["name"]: [d["memory_free_mb"] for d in n["devices"]] for n in state["nodes"]}
+            for name, state in (await views(http, lab.agents)).items()
+        }
 
         async def one(i: int) -> str | None:
             reply = await clients[i % 3].chat.completions.create(
@@ -235,7 +241,10 @@ async def test_60_simultaneous_first_requests_over_three_agents_load_once(lab: L
         assert results == ["ok"] * 60
         loads = {a.name: await loads_started(http, a.url, model) for a in lab.agents}
         print(f"storm: 60 answered in {took:.2f} s, loads per agent {loads}")
-        assert sum(loads.values()) == 1, f"60 first requests caused {loads} loads\n{lab.logs()}"
+        assert sum(loads.values()) == 1, (
+            f"60 first requests caused {loads} loads; free memory (MB) per node in each agent's view "
+            f"just before: {memory_views}"
+        )
         where = await serving(http, lab, model, among=NAMES)
         assert len(where) == 1, where
 
