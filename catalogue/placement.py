@@ -19,6 +19,7 @@ Memory model:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
@@ -91,14 +92,15 @@ class NodeView(Protocol):
 def _kinds(entry: ModelEntry, node: NodeView) -> tuple[str, ...]:
     """Device kinds the entry may use on this node, in order of preference ('' = none)."""
     engines = set(node.engines)
+    if entry.engine == "fake":
+        # The scripted engine ships with every agent (tests, demos, benchmarks): it runs anywhere.
+        return ("cuda", "cpu")
     if entry.engine == "mlc":
         return ("cuda",) if not engines or "mlc" in engines else ()
     if not engines or "fake" in engines:
         return ("cuda", "cpu")
     if entry.engine == "transformers":
         return ("cuda", "cpu") if "transformers" in engines else ()
-    if entry.engine == "fake":
-        return ()
     # auto: mlc runs on CUDA only, transformers anywhere.
     if "transformers" in engines:
         return ("cuda", "cpu")
@@ -267,6 +269,15 @@ def _free_mb(entry: ModelEntry, node: NodeView) -> int:
     return sum(max(0, d.memory_free_mb) for d in node.devices if d.kind in kinds)
 
 
+# Free memory within one band counts as equal when ranking nodes where a model fits nowhere yet.
+FREE_MEMORY_BAND_MB = 4096
+
+
+def _rendezvous(model_id: str, node_id: str) -> str:
+    """A stable pseudo-random rank of a node for a model (highest-random-weight hashing)."""
+    return hashlib.blake2b(f"{model_id}\0{node_id}".encode(), digest_size=8).hexdigest()
+
+
 def place(
     entry: ModelEntry,
     nodes: Iterable[NodeView],
@@ -277,8 +288,15 @@ def place(
     """Node ids to ask to load `entry`, best first (MISSION order, deterministic, independent of the order
     of `nodes`): only routable, non-draining nodes where it is feasible and, with `pinned_on`, only those
     nodes (by name or id); first where it fits in free memory now, then where it fits after evicting idle
-    non-resident models, then the rest; within each group the most free memory first, ties by node id."""
-    ranked: dict[str, tuple[int, int, str]] = {}
+    non-resident models, then the rest.
+
+    Every agent must compute the same order from its own, slightly different view of the fleet (free memory
+    moves all the time and reaches peers a gossip round late), or simultaneous first requests arriving at
+    different agents start loads on different nodes. So within the first two groups the order is a
+    rendezvous hash of (model id, node id), which no memory reading moves (and which spreads different
+    models over the fleet); the last group, where only the roomiest node has a chance, orders by free
+    memory in coarse bands (`FREE_MEMORY_BAND_MB`), then the hash."""
+    ranked: dict[str, tuple[int, int, str, str]] = {}
     for node in nodes:
         if node.node_id not in routable or node.draining or not _pinned(entry, node):
             continue
@@ -290,7 +308,8 @@ def place(
             tier = 1
         else:
             tier = 2
-        key = (tier, -_free_mb(entry, node), node.node_id)
+        band = -(_free_mb(entry, node) // FREE_MEMORY_BAND_MB) if tier == 2 else 0
+        key = (tier, band, _rendezvous(entry.id, node.node_id), node.node_id)
         if node.node_id not in ranked or key < ranked[node.node_id]:
             ranked[node.node_id] = key
     return tuple(sorted(ranked, key=ranked.__getitem__))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from catalogue.entry import ModelEntry
 from catalogue.placement import (
+    _rendezvous,
     devices_fitting_now,
     eviction_plan,
     feasible_devices,
@@ -139,8 +140,11 @@ def test_place_follows_mission_order() -> None:
     )
     fleet = [stuck, tight, LAPTOP, BENJY, BEAST]
     routable = {"n1", "n2", "n3", "n4", "n5"}
-    # fits now (most free first), then after eviction, then the rest.
-    assert place(entry(memory_mb=8000), fleet, routable=routable) == ("n1", "n2", "n3", "n4", "n5")
+    # fits now (in rendezvous order), then after eviction, then the rest.
+    order = place(entry(memory_mb=8000), fleet, routable=routable)
+    assert set(order[:3]) == {"n1", "n2", "n3"}
+    assert order[3:] == ("n4", "n5")
+    assert order[:3] == tuple(sorted(("n1", "n2", "n3"), key=lambda n: _rendezvous("m/new", n)))
     assert place(entry(memory_mb=8000, pinned_on=("tight", "n3")), fleet, routable=routable) == ("n3", "n4")
     assert place(entry(memory_mb=8000), fleet, routable={"n4", "n5"}) == ("n4", "n5")
     assert place(entry(memory_mb=8000, engine="mlc"), fleet, routable=routable) == ("n1",)
@@ -247,3 +251,21 @@ def test_eviction_plan_is_safe_and_makes_room(case, now) -> None:
         assert model_id != entry.id
     if not present:
         assert devices_fitting_now(entry, _apply(node_record, plan)) is not None
+
+
+def test_place_ignores_free_memory_moves_among_nodes_where_the_model_fits() -> None:
+    """Agents see each other's free memory a gossip round late; the order must not depend on it, or
+    simultaneous first requests at different agents start loads on different nodes."""
+    a = node("a", "a", [cpu(16000, 9000)])
+    b = node("b", "b", [cpu(16000, 9100)])
+    c = node("c", "c", [cpu(16000, 8900)])
+    view_1 = place(entry(memory_mb=1000), [a, b, c], routable={"a", "b", "c"})
+    a2 = node("a", "a", [cpu(16000, 9200)])
+    c2 = node("c", "c", [cpu(16000, 9300)])
+    view_2 = place(entry(memory_mb=1000), [a2, b, c2], routable={"a", "b", "c"})
+    assert view_1 == view_2
+
+
+def test_fake_engine_entries_run_on_any_node() -> None:
+    real = node("r", "real", [cpu(16000, 9000)], engines=("transformers",))
+    assert place(entry(engine="fake", memory_mb=100), [real], routable={"r"}) == ("r",)
