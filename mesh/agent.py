@@ -163,10 +163,13 @@ def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> Engin
 
 def _engine_names(snapshot: HardwareSnapshot) -> tuple[str, ...]:
     """Engines this node runs (placement filters on them): transformers always, mlc on CUDA hosts that
-    have it. With injected engines (tests) the node publishes none, which placement does not filter."""
+    have it, and the scripted `fake` engine, which every agent runs when an entry asks for it (test and
+    lab catalogues served by real agent processes). Listing `fake` does not widen what real entries may
+    use: placement checks mlc before it, and transformers (always here) already covers the rest. With
+    injected engines (in-process tests) the node publishes none, which placement does not filter."""
     from engine import registry
 
-    names = ["transformers"]
+    names = ["transformers", "fake"]
     if snapshot.gpu_available and registry.mlc_available():
         names.insert(0, "mlc")
     return tuple(names)
@@ -404,20 +407,38 @@ class RunningAgent:
         host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    async def stop(self, *, drain: bool = True) -> None:
-        """Stop: drain first (graceful leave, requests finish, bounded), then close everything."""
+    async def stop(self, *, drain: bool = True, now: asyncio.Event | None = None) -> None:
+        """Stop: drain first (graceful leave, requests finish, bounded by `drain_timeout_s`; `now` being
+        set, as by a second SIGTERM, cuts it short), end what still runs at once, close everything."""
         if self.closed:
             return
         self.closed = True
         if drain:
-            try:
-                async with asyncio.timeout(self.agent.config.drain_timeout_s + 1.0):
-                    await self.agent.drain()
-            except TimeoutError:
-                log.warning(
-                    "drain took longer than %.0f s; stopping anyway", self.agent.config.drain_timeout_s
-                )
+            await self._drain(now)
+        from .server import end_requests
+
+        ended = await end_requests(self.app)
+        if ended:
+            log.warning("ended %d request(s) still running after the drain", ended)
         await self.runner.cleanup()
+
+    async def _drain(self, now: asyncio.Event | None) -> None:
+        limit_s = self.agent.config.drain_timeout_s + 1.0
+        drain = asyncio.ensure_future(self.agent.drain())
+        waiters: set[asyncio.Future[Any]] = {drain}
+        if now is not None:
+            waiters.add(asyncio.ensure_future(now.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+            finished = drain.done()
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        if now is not None and now.is_set():
+            log.warning("stopping now (a second signal): requests still running are ended")
+        elif not finished:
+            log.warning("drain took longer than %.0f s; stopping anyway", self.agent.config.drain_timeout_s)
 
     async def kill(self) -> None:
         """Die abruptly, as on SIGKILL (tests): every connection is reset, no graceful leave."""
@@ -486,14 +507,19 @@ async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = No
     )
     if ready is not None:
         ready(port)
+    now = asyncio.Event()
     try:
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping (a second SIGTERM or Ctrl-C stops at once)")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, now.set)
+        await running.stop(now=now)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-        await running.stop()
+        await running.stop(drain=False)  # a no-op unless the graceful stop above was interrupted
     log.info("stopped")
     return 0
 

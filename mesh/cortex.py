@@ -15,6 +15,7 @@ forwarder serves it. A request a peer forwarded is always served here (`forwarde
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from engine.base import LoadedModel, ModelId
 
 from . import errors
 from .fleet import Fleet
-from .neuron import Neuron
+from .neuron import DRAINING_CODE, Neuron
 from .records import ModelRecord, NodeId, NodeRecord
 from .routing import Decision, Location, ModelListing, RemoteDecision
 
@@ -129,10 +130,34 @@ class MeshCortex:
         # 3. In the catalogue: place it.
         candidates = self.place(entry, nodes)
         if not candidates:
+            draining = self._draining_could_serve(entry)
+            if draining:
+                # Only nodes on their way out could run it (pinned there, or the only ones big enough): a
+                # transient condition, answered with Retry-After (a restarted node serves it again).
+                raise errors.ModelUnavailable(
+                    f"The model '{entry.id}' can only run on {', '.join(draining)}, which "
+                    f"{'is' if len(draining) == 1 else 'are'} shutting down",
+                    reason="draining",
+                    retry_after_s=errors.DEFAULT_RETRY_AFTER_S,
+                    code=DRAINING_CODE,
+                )
             raise errors.ModelUnavailable(
                 self._infeasible_reason(entry, nodes), reason="infeasible", retry_after_s=None
             )
         return self._decide(entry, candidates[0], cold=True, candidates=tuple(candidates[1:]))
+
+    def _draining_could_serve(self, entry: ModelEntry) -> list[str]:
+        """Names of live nodes that are draining (this one included) where `entry` could otherwise run."""
+        me = self.fleet.live_record
+        draining = [me] if me.draining and not me.left else []
+        for peer in self.fleet.peers.values():
+            if peer.draining and not peer.left and self.fleet.liveness(peer.node_id) in ("alive", "suspect"):
+                draining.append(peer)
+        if not draining:
+            return []
+        as_if_up = [dataclasses.replace(n, draining=False) for n in draining]
+        by_id = {n.node_id: n.name for n in as_if_up}
+        return [by_id[NodeId(i)] for i in placement.place(entry, as_if_up, routable=by_id.keys())]
 
     def _decide(
         self, entry: ModelEntry, node: NodeRecord, *, cold: bool, candidates: tuple[NodeRecord, ...] = ()

@@ -87,8 +87,42 @@ JSON_CONTENT_TYPE: Final = "application/json"
 Kind = Literal["chat", "completion"]
 
 
+@dataclass(kw_only=True, slots=True)
+class InFlight:
+    """The inference requests this app is serving (their handler tasks), so a stop can end the ones a
+    drain did not see finish (`end_requests`) at once instead of waiting out aiohttp's shutdown timeout
+    twice. `stopping` tells a cancelled stream to say why in a final error event."""
+
+    tasks: set[asyncio.Task[object]] = dataclasses.field(default_factory=set)
+    stopping: bool = False
+
+
+IN_FLIGHT: Final[web.AppKey[InFlight]] = web.AppKey("helexa_in_flight", InFlight)
+
+
+async def end_requests(app: web.Application, *, timeout_s: float = 1.0) -> int:
+    """Cancel every inference request still running (after the drain): streams get a final error event
+    saying the agent is shutting down. Waits at most `timeout_s` for them; returns how many there were."""
+    in_flight = app.get(IN_FLIGHT)
+    if in_flight is None or not in_flight.tasks:
+        return 0
+    in_flight.stopping = True
+    tasks = list(in_flight.tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=timeout_s)
+    return len(tasks)
+
+
+def _stopping(request: web.Request) -> bool:
+    in_flight = request.app.get(IN_FLIGHT)
+    return in_flight is not None and in_flight.stopping
+
+
 def add_openai_routes(app: web.Application) -> None:
     """Register the client-facing routes (and `/healthz`, `/metrics`) on `app`."""
+    if IN_FLIGHT not in app:
+        app[IN_FLIGHT] = InFlight()
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{id:.+}", get_model)  # ids contain '/': Qwen/Qwen2.5-7B-Instruct
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -305,13 +339,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
     outcome = _Outcome(kind=kind, started=time.perf_counter())
+    in_flight = request.app.get(IN_FLIGHT)
+    task = asyncio.current_task()
+    if in_flight is not None and task is not None:
+        in_flight.tasks.add(task)
     try:
         response = await _serve(request, kind, outcome)
         if outcome.status == 200:
             outcome.status = response.status
         return response
     except asyncio.CancelledError:
-        outcome.status = CLIENT_CLOSED_STATUS
+        # The client went away, or the agent ended the request at shutdown (`end_requests`).
+        outcome.status = 503 if _stopping(request) else CLIENT_CLOSED_STATUS
         raise
     except Exception as exc:
         err = to_helexa_error(exc)
@@ -320,6 +359,8 @@ async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
             raise
         raise err from exc
     finally:
+        if in_flight is not None and task is not None:
+            in_flight.tasks.discard(task)
         _record(request, outcome)
 
 
@@ -558,56 +599,67 @@ async def _stream(
         await _write_quietly(response, sse.error_event(err))
         return response
 
-    async with contextlib.AsyncExitStack() as stack:
-        # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), with keep-alives.
-        try:
-            async with sse.keepalive(start, response.write, interval_s):
-                model = await stack.enter_async_context(decision.acquire())
-                generation = _fit_to_model(job, decision, generation, model.context_length)
-                events = model.generate(generation)
-                stack.push_async_callback(_aclose, events)
-                first = await anext(events, None)
-        except Exception as exc:
-            if not response.prepared:
-                raise  # nothing sent yet: the middleware answers with the real status
-            return await fail(exc)
-
-        # Phase 2: stream.
-        try:
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), keep-alives.
             try:
-                await start()
-            except ConnectionError as exc:
-                raise _ClientGone() from exc
-            if chat:
-                await _write(response, chunk("", role=True))
-            event = first
-            final: FinalEvent | None = None
-            while event is not None:
-                if isinstance(event, Delta):
-                    if event.text:
-                        timing.token()
-                        await _write(response, chunk(event.text))
-                else:
-                    final = event
-                    break
-                event = await anext(events, None)
-            if final is None:
-                raise ModelFault("the model ended without a result")
-            timing.done(final)
-            await _write(response, chunk(None if chat else "", finish=final.finish_reason))
-            if job.include_usage:
-                usage_chunk = protocol.chat_usage_chunk if chat else protocol.completion_usage_chunk
-                await _write(
-                    response,
-                    sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
-                )
-            await _write(response, sse.DONE)
-        except _ClientGone as exc:
-            logger.debug("stream %s: client gone: %r", ident, exc)
-            outcome.status = CLIENT_CLOSED_STATUS
-            return response
-        except Exception as exc:
-            return await fail(exc)
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
-    return response
+                async with sse.keepalive(start, response.write, interval_s):
+                    model = await stack.enter_async_context(decision.acquire())
+                    generation = _fit_to_model(job, decision, generation, model.context_length)
+                    events = model.generate(generation)
+                    stack.push_async_callback(_aclose, events)
+                    first = await anext(events, None)
+            except Exception as exc:
+                if not response.prepared:
+                    raise  # nothing sent yet: the middleware answers with the real status
+                return await fail(exc)
+
+            # Phase 2: stream.
+            try:
+                try:
+                    await start()
+                except ConnectionError as exc:
+                    raise _ClientGone() from exc
+                if chat:
+                    await _write(response, chunk("", role=True))
+                event = first
+                final: FinalEvent | None = None
+                while event is not None:
+                    if isinstance(event, Delta):
+                        if event.text:
+                            timing.token()
+                            await _write(response, chunk(event.text))
+                    else:
+                        final = event
+                        break
+                    event = await anext(events, None)
+                if final is None:
+                    raise ModelFault("the model ended without a result")
+                timing.done(final)
+                await _write(response, chunk(None if chat else "", finish=final.finish_reason))
+                if job.include_usage:
+                    usage_chunk = protocol.chat_usage_chunk if chat else protocol.completion_usage_chunk
+                    await _write(
+                        response,
+                        sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
+                    )
+                await _write(response, sse.DONE)
+            except _ClientGone as exc:
+                logger.debug("stream %s: client gone: %r", ident, exc)
+                outcome.status = CLIENT_CLOSED_STATUS
+                return response
+            except Exception as exc:
+                return await fail(exc)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+    except asyncio.CancelledError:
+        if response.prepared and _stopping(request):
+            # Ended by the agent's stop after the drain: tell the client why before the connection closes.
+            await _write_quietly(
+                response,
+                sse.error_event(
+                    ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
+                ),
+            )
+        raise

@@ -223,3 +223,18 @@ async def test_held_back_counters_are_published_within_the_interval(rig: Rig) ->
         assert asyncio.get_running_loop().time() < deadline, "the held-back counters were never published"
         await asyncio.sleep(0.01)
     fleet.close()
+
+
+def test_a_model_only_a_draining_node_could_serve_is_503_with_retry_after(setup) -> None:
+    fleet, cortex, _ = setup
+    cortex.catalogue.replace([entry("pinned", pinned_on=("self",)), entry("huge", memory_mb=10**6)])
+    fleet.peers[NodeId("p1")] = _node("p1", "peer1")
+    fleet.set_draining()
+    with pytest.raises(errors.ModelUnavailable) as info:
+        cortex.route("pinned")
+    err = info.value
+    assert err.reason == "draining" and err.retry_after_s is not None and "self" in err.message
+    # Feasible nowhere at all is still the permanent 503, without Retry-After.
+    with pytest.raises(errors.ModelUnavailable) as info:
+        cortex.route("huge")
+    assert info.value.reason == "infeasible" and info.value.retry_after_s is None

@@ -1,0 +1,82 @@
+"""Stopping a running agent (in process): the drain is bounded, what still runs after it is ended at once
+with a final SSE error event, and a second signal (`now`) cuts the drain short."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from engine.fake import FakeEngine
+from mesh.agent import RunningAgent, start_agent
+from mesh.config import load_config
+from mesh.hardware import Hardware, HardwareSnapshot
+from mesh.records import DeviceRecord
+
+from .conftest import FAST, entry
+
+# A stream far longer than any drain here: 200 tokens 0.05 s apart.
+LONG = entry("org/long", options={"tokens": ["x"] * 200, "token_delay_s": 0.05})
+
+
+class _Cpu(Hardware):
+    def probe(self) -> HardwareSnapshot:
+        cpu = DeviceRecord(name="cpu", kind="cpu", model="cpu", memory_total_mb=1000, memory_free_mb=1000)
+        self.last = HardwareSnapshot(devices=(cpu,), gpu_available=False, ram_total_mb=1000)
+        return self.last
+
+
+async def _agent(tmp_path: Path, drain_timeout_s: float) -> RunningAgent:
+    argv = ["--name", "s", "--host", "127.0.0.1", "--port", "0", "--no-mdns"]
+    argv += ["--state-dir", str(tmp_path / "state"), "--drain-timeout", str(drain_timeout_s)]
+    config = load_config(argv, {"HOME": str(tmp_path)})
+    engine = FakeEngine()
+    return await start_agent(
+        config, engine_for=lambda e, d: engine, hardware=_Cpu(), catalogue=[LONG], neuron_timing=FAST
+    )
+
+
+async def _open_stream(running: RunningAgent) -> tuple[Any, Any]:
+    client = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="org/long", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    chunks = aiter(stream)
+    await anext(chunks)
+    return client, chunks
+
+
+async def _read_to_the_end(chunks: Any) -> str:
+    """Read the rest of the stream; the error the SDK raises for the final error event."""
+    with pytest.raises(openai.APIError) as info:
+        async for _ in chunks:
+            pass
+    return str(info.value)
+
+
+async def test_what_outlives_the_drain_is_ended_with_an_error_event(tmp_path: Path) -> None:
+    running = await _agent(tmp_path, drain_timeout_s=0.5)
+    client, chunks = await _open_stream(running)
+    async with client:
+        reader = asyncio.create_task(_read_to_the_end(chunks))
+        await running.stop()
+        message = await asyncio.wait_for(reader, timeout=10)
+    assert "shutting down" in message
+    assert running.agent.draining
+
+
+async def test_a_second_signal_cuts_the_drain_short(tmp_path: Path) -> None:
+    running = await _agent(tmp_path, drain_timeout_s=60)
+    client, chunks = await _open_stream(running)
+    async with client:
+        reader = asyncio.create_task(_read_to_the_end(chunks))
+        now = asyncio.Event()
+        stopping = asyncio.create_task(running.stop(now=now))
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # draining: the stream would hold it for ten seconds
+        now.set()
+        await asyncio.wait_for(stopping, timeout=10)  # far below the 60 s drain and the stream's 10 s
+        assert "shutting down" in await asyncio.wait_for(reader, timeout=10)
