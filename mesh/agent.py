@@ -163,13 +163,11 @@ def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> Engin
 
 def _engine_names(snapshot: HardwareSnapshot) -> tuple[str, ...]:
     """Engines this node runs (placement filters on them): transformers always, mlc on CUDA hosts that
-    have it, and the scripted `fake` engine, which every agent runs when an entry asks for it (test and
-    lab catalogues served by real agent processes). Listing `fake` does not widen what real entries may
-    use: placement checks mlc before it, and transformers (always here) already covers the rest. With
-    injected engines (in-process tests) the node publishes none, which placement does not filter."""
+    have it (the scripted `fake` engine runs anywhere: placement does not filter it). With injected
+    engines (in-process tests) the node publishes none, which placement does not filter."""
     from engine import registry
 
-    names = ["transformers", "fake"]
+    names = ["transformers"]
     if snapshot.gpu_available and registry.mlc_available():
         names.insert(0, "mlc")
     return tuple(names)
