@@ -323,7 +323,15 @@ def make_app(agent: Agent) -> web.Application:
     add_peer_routes(app, agent)
     add_operator_routes(app, agent)
     app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_end_event_streams)
     return app
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    """End every `/mesh/events` stream when the server shuts down (after the drain, before aiohttp waits
+    for open connections): an attached dashboard would otherwise hold the stop for the whole shutdown
+    timeout, since the bus is closed only later, when the mesh stops (`cleanup_ctx`)."""
+    app[AGENT].mesh.bus.close()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

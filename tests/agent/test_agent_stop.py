@@ -7,10 +7,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from engine.fake import FakeEngine
+from mesh import agent as agent_module
 from mesh.agent import RunningAgent, start_agent
 from mesh.config import load_config
 from mesh.hardware import Hardware, HardwareSnapshot
@@ -80,3 +82,19 @@ async def test_a_second_signal_cuts_the_drain_short(tmp_path: Path) -> None:
         now.set()
         await asyncio.wait_for(stopping, timeout=10)  # far below the 60 s drain and the stream's 10 s
         assert "shutting down" in await asyncio.wait_for(reader, timeout=10)
+
+
+async def test_an_open_event_stream_does_not_hold_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dashboard's `/mesh/events` stream ends cleanly when the agent stops, instead of holding the
+    runner's cleanup for aiohttp's whole shutdown timeout (made a minute here, so a held stop shows)."""
+    monkeypatch.setattr(agent_module, "SHUTDOWN_TIMEOUT_S", 60.0)
+    running = await _agent(tmp_path, drain_timeout_s=0.5)
+    async with aiohttp.ClientSession() as session, session.get(f"{running.url}/mesh/events") as resp:
+        assert resp.status == 200
+        assert await resp.content.readline() == b": connected\n"
+        await asyncio.wait_for(running.stop(), timeout=20)  # held, it would take the 60 s
+        # The stream ended cleanly (its last chunk sent), not cut when the connection closed.
+        await asyncio.wait_for(resp.content.read(), timeout=5)
+    assert running.agent.mesh.bus.subscribers == 0
