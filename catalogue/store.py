@@ -476,6 +476,33 @@ def add_entry(path: str | os.PathLike[str], entry: Mapping[str, object]) -> Mode
     return new
 
 
+def _minimal_change(
+    path: Path, old_raw: dict[str, object], new_raw: dict[str, object], new: ModelEntry, index: int
+) -> dict[str, object]:
+    """`new_raw` cut down to what changes the entry's meaning: keys that mean the same as in the file
+    (`keep_alive = "1800s"` for "30m", a default written out or left out) keep the file's spelling, keys
+    whose new meaning is the default are removed rather than written, and the version is always the new
+    one. A pin posted with the whole entry then rewrites `pinned_on` and `version` only. Falls back to
+    `new_raw` when the file's entry does not parse or the cut-down entry would mean something else."""
+    old, _problems = parse_entry(old_raw, file=str(path), index=index, base_dir=path.parent)
+    if old is None:
+        return new_raw
+    before, after = entry_to_dict(old), entry_to_dict(new)
+    out = dict(old_raw)
+    for key in {*before, *after, *old_raw, *new_raw} - {"id", "version"}:
+        if key in before and key in after and before[key] == after[key]:
+            continue  # the same meaning: the file's spelling (or absence) stays
+        if key in after and key in new_raw:
+            out[key] = new_raw[key]
+        else:
+            out.pop(key, None)
+    out["version"] = new_raw["version"]
+    minimal, problems = parse_entry(out, file=str(path), index=index, base_dir=path.parent)
+    if minimal is None or problems or entry_to_dict(minimal) != after:
+        return new_raw
+    return out
+
+
 def update_entry(
     path: str | os.PathLike[str],
     entry_id: str,
@@ -518,6 +545,7 @@ def update_entry(
             new_raw["version"] = old_version
         new_raw = _ordered(new_raw)
         new = _validate_strict(file_path, new_raw, index + 1)
+        new_raw = _minimal_change(file_path, old_raw, new_raw, new, index + 1)
         current = parse_catalogue_text(doc.as_string(), file=str(file_path), base_dir=file_path.parent)
         others = [e for e in current.entries if e.id != entry_id]
         other_ids = (m.get("id") for i, m in enumerate(models) if i != index and isinstance(m, dict))

@@ -216,6 +216,25 @@ def test_update_replace_adopts_a_gossiped_entry(catalogue_file: Path) -> None:
     assert "pinned_on" not in catalogue_file.read_text().split("org/big")[1]
 
 
+def test_update_replace_writes_only_what_changes_the_meaning(catalogue_file: Path) -> None:
+    """The whole entry in its gossip form (every default spelled out) with one changed field: only that
+    field and the version are written; comments and untouched keys stay byte-identical."""
+    big = load_catalogue(catalogue_file).resolve("org/big")
+    assert big is not None
+    whole = {**entry_to_dict(big), "pinned_on": ["beast", "mini"], "version": 2}
+    adopted = update_entry(catalogue_file, "org/big", whole, bump_version=False, replace=True)
+    assert adopted.pinned_on == ("beast", "mini") and adopted.version == 2
+    expected = COMMENTED.replace('pinned_on = ["beast"]', 'pinned_on = ["beast", "mini"]').replace(
+        "memory_mb = 40000\n", "memory_mb = 40000\nversion = 2\n"
+    )
+    assert catalogue_file.read_text() == expected
+    # A field set to the meaning it already has (a default, another spelling) is not written either.
+    update_entry(catalogue_file, "org/small", {"resident": False, "keep_alive": "1800s", "min_devices": 1})
+    assert catalogue_file.read_text() == expected.replace(
+        "memory_mb = 1000  # measured on beast\n", "memory_mb = 1000  # measured on beast\nversion = 2\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("call", "fragment"),
     [

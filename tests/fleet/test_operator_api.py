@@ -158,3 +158,38 @@ async def test_mdns_finds_peers_without_a_peer_list(fleet: Fleet) -> None:
     a = await fleet.start("a", options=options, mdns=True)
     b = await fleet.start("b", options=options, mdns=True)
     await eventually(lambda: a.sees(b) and b.sees(a), timeout_s=9.0, what="mDNS discovery")
+
+
+_COMMENTED = """\
+# operator's catalogue: every line here is theirs
+[[models]]
+# a small model for tests
+id = "org/pin"      # the id
+engine = "fake"
+source = "/models/org/pin"
+memory_mb = 100     # measured
+keep_alive = "1800s"  # spelled in seconds on purpose
+version = 3
+options = {tokens = ["x"], memory_mb = 100}
+
+# the end of the file
+"""
+
+
+async def test_pinning_writes_only_what_changed(fleet: Fleet, tmp_path: Path) -> None:
+    """A pin (and an unpin) posted as a changed `pinned_on` rewrites that key and the version only:
+    comments, spellings and untouched keys stay byte-identical, and no defaults are written."""
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text(_COMMENTED)
+    a = await fleet.start("a", entries=None, args=["--catalogue", str(catalogue)])
+    status, body = await fleet.post(a, "/mesh/catalogue", {"id": "org/pin", "pinned_on": ["a"]})
+    assert status == 200 and body["entry"]["version"] == 4, body
+    pinned = _COMMENTED.replace("version = 3\n", "version = 4\n").replace(
+        'options = {tokens = ["x"], memory_mb = 100}\n',
+        'options = {tokens = ["x"], memory_mb = 100}\npinned_on = ["a"]\n',
+    )
+    assert catalogue.read_text() == pinned
+    status, body = await fleet.post(a, "/mesh/catalogue", {"id": "org/pin", "pinned_on": []})
+    assert status == 200 and body["entry"]["version"] == 5 and "pinned_on" not in body["entry"], body
+    # Unpinned, the entry means what it meant at first: the file is the original but for the version.
+    assert catalogue.read_text() == _COMMENTED.replace("version = 3\n", "version = 5\n")
