@@ -8,7 +8,9 @@
     POST   /mesh/catalogue      {entry}  add or update (written to this agent's models.toml, gossiped)
     DELETE /mesh/catalogue/{id}          remove mesh-wide (a tombstone with a higher version)
 
-Successes answer `{"message": ..., ...}`; errors the OpenAI envelope. Reads (state, events, catalogue)
+Successes answer `{"message": ..., ...}`; errors the OpenAI envelope. A failed load names the engine's
+reason (`with_load_detail`: its first line, file paths included, never a traceback); the client API
+(`/v1/*`) keeps the generic message. Reads (state, events, catalogue)
 read cached state only and are open like `/v1/models`. **With a mesh key, the changing endpoints (load,
 unload, catalogue edits) require `Authorization: Bearer <mesh key>`**; without one the mesh is open and
 `/mesh/state` says `"open": true`.
@@ -16,6 +18,7 @@ unload, catalogue edits) require `Authorization: Bearer <mesh key>`**; without o
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
 from typing import TYPE_CHECKING, Any
@@ -37,7 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_operator_routes", "state"]
+__all__ = ["add_operator_routes", "state", "with_load_detail"]
+
+# At most this much of an engine's message reaches the operator (its first line only: a message that
+# carries a traceback or a dumped config is cut to the part that says why).
+LOAD_DETAIL_MAX_CHARS = 500
 
 
 def state(agent: Agent) -> dict[str, object]:
@@ -58,6 +65,28 @@ def state(agent: Agent) -> dict[str, object]:
         catalogue=mesh.gossip.catalogue(),
         feasible_on=feasible,
     )
+
+
+def with_load_detail(agent: Agent, model_id: str, err: errors.HelexaError) -> errors.HelexaError:
+    """`err`, from a load of `model_id` on this node, with the engine's reason in its message (for the
+    operator and peer APIs only: the client API never shows it, it may name files). Other errors, and a
+    failure whose reason the neuron no longer holds, are returned as they are."""
+    load_failure = isinstance(err, errors.ModelLoadFailed) or (
+        isinstance(err, errors.ModelUnavailable) and err.reason == "insufficient_memory"
+    )
+    record = agent.neuron.record(model_id) if load_failure else None
+    if record is None or record.status != "failed" or not record.error:
+        return err
+    lines = [line.strip() for line in record.error.splitlines() if line.strip()]
+    if not lines:
+        return err
+    detail = lines[0]
+    if len(detail) > LOAD_DETAIL_MAX_CHARS:
+        detail = detail[: LOAD_DETAIL_MAX_CHARS - 3] + "..."
+    out = copy.copy(err)
+    out.message = f"{model_id} failed to load on {agent.config.name}: {detail}"
+    out.args = (out.message,)
+    return out
 
 
 def _message(text: str, **extra: object) -> web.Response:
@@ -120,7 +149,10 @@ def _peer_error(e: PeerCallError, node: NodeRecord) -> errors.HelexaError:
 
 async def _load_on(agent: Agent, entry_id: str, node: NodeRecord) -> dict[str, Any]:
     if node.node_id == agent.fleet.node_id:
-        await agent.neuron.ensure_loaded(agent.cortex.resolve(entry_id))
+        try:
+            await agent.neuron.ensure_loaded(agent.cortex.resolve(entry_id))
+        except errors.HelexaError as e:
+            raise with_load_detail(agent, entry_id, e) from None
         return {"message": f"{entry_id} is loaded on {node.name}", "node": node.name}
     return await call_peer(agent, node, LOAD_PATH, {"model": entry_id})
 

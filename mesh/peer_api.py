@@ -86,7 +86,13 @@ def add_peer_routes(app: web.Application, agent: Agent) -> None:
 
     async def load(request: web.Request) -> web.StreamResponse:
         entry = agent.cortex.resolve(await _model_of(request))
-        await agent.neuron.ensure_loaded(entry)
+        try:
+            await agent.neuron.ensure_loaded(entry)
+        except errors.HelexaError as e:
+            # Only the operator API calls this: the reason a load failed goes back to the operator.
+            from .operator_api import with_load_detail
+
+            raise with_load_detail(agent, entry.id, e) from None
         name = agent.config.name
         return web.json_response({"message": f"{entry.id} is loaded on {name}", "node": name})
 

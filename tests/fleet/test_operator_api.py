@@ -193,3 +193,31 @@ async def test_pinning_writes_only_what_changed(fleet: Fleet, tmp_path: Path) ->
     assert status == 200 and body["entry"]["version"] == 5 and "pinned_on" not in body["entry"], body
     # Unpinned, the entry means what it meant at first: the file is the original but for the version.
     assert catalogue.read_text() == _COMMENTED.replace("version = 3\n", "version = 5\n")
+
+
+# An engine message of several lines: the operator gets its first line (paths included), never the rest.
+_CORRUPT = (
+    "weights are corrupt: /models/org/broken/model.safetensors\n"
+    "Traceback (most recent call last):\n"
+    '  File "/srv/engine.py", line 1, in load'
+)
+
+
+async def test_a_failed_load_tells_the_operator_why_but_not_the_client(fleet: Fleet) -> None:
+    entries = [entry("org/broken", options={"tokens": ["x"], "fail_load": _CORRUPT})]
+    b = await fleet.start("b", entries=entries)
+    a = await fleet.start("a", entries=entries, peers=[b])
+    await eventually(lambda: a.sees(b) and b.sees(a), what="membership")
+    for node in ("a", "b"):  # a's own load, and b's through the peer API
+        status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/broken", "node": node})
+        assert status == 503 and body["error"]["code"] == "model_load_failed", body
+        message = body["error"]["message"]
+        assert "weights are corrupt: /models/org/broken/model.safetensors" in message, message
+        assert f"on {node}" in message and "Traceback" not in message and "engine.py" not in message
+    # The client API keeps the engine's message (and its paths) to itself.
+    async with fleet.http.post(
+        f"{a.url}/v1/completions", json={"model": "org/broken", "prompt": "x"}
+    ) as resp:
+        text = await resp.text()
+    assert resp.status == 503 and "model_load_failed" in text, text
+    assert "corrupt" not in text and "/models/" not in text
