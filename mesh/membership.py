@@ -82,8 +82,9 @@ class FailureDetector:
         self._listeners.append(fn)
 
     def _emit(self, ev: MembershipEvent) -> None:
-        log.log(
-            logging.INFO if ev.current in ("dead", "left") or ev.previous is None else logging.DEBUG,
+        # Debug only: operators read joins, deaths and leaves from `mesh.runtime.PeerStateLog` (once per
+        # change, flapping quieted); an info line here repeated each of them.
+        log.debug(
             "peer %s (%s): %s -> %s%s",
             ev.name,
             ev.node_id,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+
+import pytest
 
 from mesh.membership import FailureDetector, MembershipEvent
 from mesh.records import NodeId, NodeRecord
@@ -174,3 +177,19 @@ def test_self_is_always_alive_and_never_tracked():
     _, det, events = _setup()
     det.observe(_rec(nid="me"))
     assert det.liveness(NodeId("me")) == "alive" and det.peers() == {} and events == []
+
+
+def test_transitions_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    """Joins, deaths and leaves are the runtime's to report (`mesh.runtime.PeerStateLog`, once, with
+    quieting); the detector's own line about them is debug, so operators never read each twice."""
+    caplog.set_level(logging.DEBUG, logger="mesh.membership")
+    clock, det, events = _setup()
+    det.observe(_rec(hb=1), direct=True)  # joined
+    _advance(clock, det, 8)  # suspect, then dead
+    det.observe(_rec(hb=2), direct=True)  # alive again
+    det.observe(dataclasses.replace(_rec(hb=3), left=True, version=2))  # left
+    det.observe(_rec(hb=0, gen=2))  # restarted
+    assert [e.current for e in events] == ["alive", "suspect", "dead", "alive", "left", "alive"]
+    lines = [r for r in caplog.records if r.name == "mesh.membership"]
+    assert len(lines) == len(events)  # still there for debugging
+    assert all(r.levelno == logging.DEBUG for r in lines), [(r.levelname, r.getMessage()) for r in lines]
