@@ -482,27 +482,43 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+def _response(
+    object_type: str,
+    *,
+    id: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    usage: Usage | None = None,
+) -> bytes:
+    """The envelope every completion object and chunk shares; `usage` only where the object carries it."""
+    body: dict[str, Any] = {
+        "id": id,
+        "object": object_type,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = _usage(usage)
+    return orjson.dumps(body)
+
+
+def _text_choice(text: str, finish_reason: FinishReason | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
 def chat_completion(
     *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
 ) -> bytes:
     """A non-streamed `chat.completion` object."""
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-            "usage": _usage(usage),
-        }
-    )
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    return _response("chat.completion", id=id, model=model, created=created, choices=[choice], usage=usage)
 
 
 def chat_chunk(
@@ -521,73 +537,34 @@ def chat_chunk(
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-    )
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _response("chat.completion.chunk", id=id, model=model, created=created, choices=[choice])
 
 
 def chat_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
     """The extra chunk `stream_options.include_usage` asks for: `choices: []` and the usage."""
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": _usage(usage),
-        }
-    )
+    return _response("chat.completion.chunk", id=id, model=model, created=created, choices=[], usage=usage)
 
 
 def text_completion(
     *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
 ) -> bytes:
     """A non-streamed `text_completion` object."""
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": _usage(usage),
-        }
-    )
+    choices = [_text_choice(text, finish_reason)]
+    return _response("text_completion", id=id, model=model, created=created, choices=choices, usage=usage)
 
 
 def completion_chunk(
     *, id: str, model: str, created: int, text: str, finish_reason: FinishReason | None = None
 ) -> bytes:
     """One streamed `text_completion` chunk (the same shape as the full object, minus usage)."""
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        }
-    )
+    choices = [_text_choice(text, finish_reason)]
+    return _response("text_completion", id=id, model=model, created=created, choices=choices)
 
 
 def completion_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
-    return orjson.dumps(
-        {
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": _usage(usage),
-        }
-    )
+    """The `include_usage` chunk of a completion stream: `choices: []` and the usage."""
+    return _response("text_completion", id=id, model=model, created=created, choices=[], usage=usage)
 
 
 def model_object(listing: ModelListing) -> dict[str, object]:
