@@ -476,23 +476,27 @@ def add_entry(path: str | os.PathLike[str], entry: Mapping[str, object]) -> Mode
     return new
 
 
+_ABSENT = object()
+
+
 def _minimal_change(
     path: Path, old_raw: dict[str, object], new_raw: dict[str, object], new: ModelEntry, index: int
 ) -> dict[str, object]:
     """`new_raw` cut down to what changes the entry's meaning: keys that mean the same as in the file
-    (`keep_alive = "1800s"` for "30m", a default written out or left out) keep the file's spelling, keys
-    whose new meaning is the default are removed rather than written, and the version is always the new
-    one. A pin posted with the whole entry then rewrites `pinned_on` and `version` only. Falls back to
-    `new_raw` when the file's entry does not parse or the cut-down entry would mean something else."""
+    (`keep_alive = "1800s"` for "30m", a default written out or left out) keep the file's spelling;
+    changed keys take the value given (`pinned_on = []` for an unpin), or are removed when not given; the
+    version is always the new one. A pin posted with the whole entry then rewrites `pinned_on` and
+    `version` only. Falls back to `new_raw` when the file's entry does not parse or the cut-down entry
+    would mean something else."""
     old, _problems = parse_entry(old_raw, file=str(path), index=index, base_dir=path.parent)
     if old is None:
         return new_raw
     before, after = entry_to_dict(old), entry_to_dict(new)
     out = dict(old_raw)
     for key in {*before, *after, *old_raw, *new_raw} - {"id", "version"}:
-        if key in before and key in after and before[key] == after[key]:
+        if before.get(key, _ABSENT) == after.get(key, _ABSENT):
             continue  # the same meaning: the file's spelling (or absence) stays
-        if key in after and key in new_raw:
+        if key in new_raw:
             out[key] = new_raw[key]
         else:
             out.pop(key, None)

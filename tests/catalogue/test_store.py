@@ -229,7 +229,8 @@ def test_update_replace_writes_only_what_changes_the_meaning(catalogue_file: Pat
     )
     assert catalogue_file.read_text() == expected
     # A field set to the meaning it already has (a default, another spelling) is not written either.
-    update_entry(catalogue_file, "org/small", {"resident": False, "keep_alive": "1800s", "min_devices": 1})
+    same = {"resident": False, "keep_alive": "1800s", "min_devices": 1, "pinned_on": []}
+    update_entry(catalogue_file, "org/small", same)
     assert catalogue_file.read_text() == expected.replace(
         "memory_mb = 1000  # measured on beast\n", "memory_mb = 1000  # measured on beast\nversion = 2\n"
     )

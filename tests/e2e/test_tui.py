@@ -212,7 +212,12 @@ async def test_dashboard_operates_a_real_agent(agents: Agents) -> None:
             lambda: "pinned_on = []" in alpha.catalogue.read_text(),
             what="the unpin in models.toml",
         )
-        assert all(c in alpha.catalogue.read_text() for c in COMMENTS)
+        text = alpha.catalogue.read_text()
+        assert all(c in text for c in COMMENTS)
+        # Only pinned_on and the version were written: no defaults spelled out.
+        assert not any(k in text for k in ("min_devices", "min_device_memory_mb", "resident", "preload")), (
+            text
+        )
         await until(pilot, lambda: cell(catalogue, f"c:{SMALL}", "pinned") == "-", what="unpinned")
 
         # The agent goes away: the status bar says so; it comes back (a new generation): reconnected.

@@ -191,8 +191,9 @@ async def test_pinning_writes_only_what_changed(fleet: Fleet, tmp_path: Path) ->
     assert catalogue.read_text() == pinned
     status, body = await fleet.post(a, "/mesh/catalogue", {"id": "org/pin", "pinned_on": []})
     assert status == 200 and body["entry"]["version"] == 5 and "pinned_on" not in body["entry"], body
-    # Unpinned, the entry means what it meant at first: the file is the original but for the version.
-    assert catalogue.read_text() == _COMMENTED.replace("version = 3\n", "version = 5\n")
+    # Unpinned: the key says so, everything else is as it was.
+    unpinned = pinned.replace("version = 4\n", "version = 5\n").replace('pinned_on = ["a"]', "pinned_on = []")
+    assert catalogue.read_text() == unpinned
 
 
 # An engine message of several lines: the operator gets its first line (paths included), never the rest.
