@@ -11,40 +11,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.base import (
-    ChatMessage,
     Delta,
     Engine,
-    Final,
-    GenerationRequest,
     LoadedModel,
     LoadSpec,
     ModelId,
     RequestId,
-    SamplingParams,
 )
 from engine.errors import ContextLengthExceeded, EngineFault, ModelSourceError, TransientLoadError
 from engine.fake import FakeEngine, FakeScript
 from engine.registry import choose_engine, create_engine, is_mlc_source
 from engine.textstream import StopStringMatcher
 
-
-def req(text: str = "hi there", rid: str = "r", **sampling: object) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=RequestId(rid),
-        messages=(ChatMessage(role="user", content=text),),
-        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
-    )
-
-
-async def collect(model: LoadedModel, r: GenerationRequest) -> tuple[str, Final]:
-    text, final = "", None
-    async for event in model.generate(r):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            final = event
-    assert final is not None
-    return text, final
+from .helpers import collect, user_request
 
 
 def spec(**options: object) -> LoadSpec:
@@ -58,14 +37,14 @@ async def test_fake_engine_basics() -> None:
     assert isinstance(model, LoadedModel)
     assert model.memory.total_mb == 321
     assert engine.loads[ModelId("fake")] == 1
-    text, final = await collect(model, req())
+    text, final = await collect(model, user_request())
     assert (text, final.finish_reason) == ("Hello, world!", "stop")
-    text, final = await collect(model, req(max_tokens=2))
+    text, final = await collect(model, user_request(max_tokens=2))
     assert (text, final.finish_reason, final.usage.completion_tokens) == ("Hello,", "length", 2)
-    text, final = await collect(model, req(stop=["lo,"]))
+    text, final = await collect(model, user_request(stop=["lo,"]))
     assert (text, final.finish_reason) == ("Hel", "stop")
     with pytest.raises(ContextLengthExceeded):
-        await collect(model, req("w " * 5000))
+        await collect(model, user_request("w " * 5000))
     await model.unload()
     await model.unload()
     assert engine.unloads[ModelId("fake")] == 1
@@ -74,18 +53,18 @@ async def test_fake_engine_basics() -> None:
 async def test_fake_echo_delay_and_abort() -> None:
     engine = FakeEngine(FakeScript(echo=True, token_delay_s=0.001))
     model = await engine.load(spec())
-    text, _ = await collect(model, req("the quick brown fox"))
+    text, _ = await collect(model, user_request("the quick brown fox"))
     assert text == "the quick brown fox"
     seen = 0
     final = None
-    async for event in model.generate(req("a b c d e f g h", rid="x")):
+    async for event in model.generate(user_request("a b c d e f g h", rid="x")):
         if isinstance(event, Delta):
             seen += 1
             await model.abort(RequestId("x"))
         else:
             final = event
     assert seen == 1 and final is not None and final.usage.completion_tokens == 1
-    stream = model.generate(req("a b c d e f"))
+    stream = model.generate(user_request("a b c d e f"))
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
     assert model.requests_cancelled == 1 and model.in_flight == 0
@@ -101,10 +80,10 @@ async def test_fake_failures() -> None:
         await engine.load(spec(bogus=1))
     broken = await engine.load(spec(fail_after_tokens=2))
     with pytest.raises(EngineFault):
-        await collect(broken, req())
+        await collect(broken, user_request())
     with pytest.raises(EngineFault):
-        await collect(broken, req())
-    await collect(model, req())
+        await collect(broken, user_request())
+    await collect(model, user_request())
 
 
 async def test_fake_load_delay_does_not_block_the_loop() -> None:

@@ -8,40 +8,19 @@ import os
 import pytest
 
 from engine.base import (
-    ChatMessage,
     Delta,
-    Final,
-    GenerationRequest,
     LoadedModel,
     LoadSpec,
     ModelId,
     RequestId,
-    SamplingParams,
 )
 from engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
 from engine.mlc_engine import MLCEngine, MLCModel
 from engine.registry import mlc_available
 
+from .helpers import collect, user_request
+
 FAKE_WORKER = "tests.engine.fake_mlc_worker"
-
-
-def request(text: str, **sampling: object) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=RequestId("r"),
-        messages=(ChatMessage(role="user", content=text),),
-        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
-    )
-
-
-async def collect(model: LoadedModel, req: GenerationRequest) -> tuple[str, Final]:
-    text, final = "", None
-    async for event in model.generate(req):
-        if isinstance(event, Delta):
-            text += event.text
-        else:
-            final = event
-    assert final is not None
-    return text, final
 
 
 async def load_fake(devices: tuple[str, ...] = ("cuda:0",), source: str = "HF://org/model") -> MLCModel:
@@ -67,18 +46,18 @@ async def test_generate_through_worker_process() -> None:
         assert isinstance(model, LoadedModel)
         assert model.memory.per_device_mb == {"cuda:2": 100, "cuda:5": 101}
         assert model.context_length == 64
-        text, final = await collect(model, request("one two three four"))
+        text, final = await collect(model, user_request("one two three four"))
         assert text == "one two three four"
         assert final.finish_reason == "stop"
         assert final.usage.completion_tokens == 4
-        text, final = await collect(model, request("one two three four", max_tokens=2))
+        text, final = await collect(model, user_request("one two three four", max_tokens=2))
         assert (text, final.finish_reason) == ("one two", "length")
         # Native output on stdout must not corrupt the protocol.
-        text, _ = await collect(model, request("noise"))
+        text, _ = await collect(model, user_request("noise"))
         assert text == "noise"
         with pytest.raises(ContextLengthExceeded):
-            await collect(model, request("w " * 100))
-        together = await asyncio.gather(*(collect(model, request(f"a{i} b{i}")) for i in range(5)))
+            await collect(model, user_request("w " * 100))
+        together = await asyncio.gather(*(collect(model, user_request(f"a{i} b{i}")) for i in range(5)))
         assert [t for t, _ in together] == [f"a{i} b{i}" for i in range(5)]
     finally:
         await model.unload()
@@ -88,10 +67,10 @@ async def test_generate_through_worker_process() -> None:
 async def test_aclose_aborts_in_the_worker() -> None:
     model = await load_fake()
     try:
-        stream = model.generate(request("slow"))
+        stream = model.generate(user_request("slow"))
         assert isinstance(await anext(stream), Delta)
         await stream.aclose()  # type: ignore[attr-defined]
-        text, _ = await asyncio.wait_for(collect(model, request("still alive")), timeout=10)
+        text, _ = await asyncio.wait_for(collect(model, user_request("still alive")), timeout=10)
         assert text == "still alive"
         assert not model._streams
     finally:
@@ -102,7 +81,7 @@ async def test_abort_from_outside_ends_the_stream() -> None:
     model = await load_fake()
     try:
         final = None
-        async for event in model.generate(request("slow")):
+        async for event in model.generate(user_request("slow")):
             if isinstance(event, Delta):
                 await model.abort(RequestId("r"))
             else:
@@ -118,11 +97,11 @@ async def test_worker_crash_fails_only_that_model() -> None:
     other = await load_fake()
     try:
         with pytest.raises(EngineFault):
-            await collect(model, request("crash"))
+            await collect(model, user_request("crash"))
         assert model.fault is not None
         with pytest.raises(EngineFault):
-            await collect(model, request("hello"))
-        text, _ = await collect(other, request("unaffected"))
+            await collect(model, user_request("hello"))
+        text, _ = await collect(other, user_request("unaffected"))
         assert text == "unaffected"
     finally:
         await model.unload()
@@ -143,4 +122,4 @@ async def test_unload_is_idempotent_and_ends_the_process() -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     with pytest.raises(EngineError):
-        await collect(model, request("x"))
+        await collect(model, user_request("x"))
