@@ -6,10 +6,11 @@ by `LoadSpec.options` with the same field names, e.g.
 
 It behaves like the real engines where the layers above can observe it: `max_tokens` gives finish
 `length`, the end of the script gives `stop` (like an eos), stop strings are trimmed (never partially
-emitted), prompts longer than the context raise `ContextLengthExceeded` before any delta, closing the
-stream or `abort()` stops it, a scripted fault raises `EngineFault` and poisons the model, and
-`unload()` is idempotent. Everything is `asyncio.sleep`-based: it never blocks the event loop. The
-engine counts loads and unloads so tests can assert "exactly one load".
+emitted), bad input and prompts longer than the context raise the real engines' `RequestError`s before
+any delta (the checks in `engine.streaming`), closing the stream or `abort()` stops it, a scripted fault
+raises `EngineFault` and poisons the model, and `unload()` is idempotent. Everything is
+`asyncio.sleep`-based: it never blocks the event loop. The engine counts loads and unloads so tests can
+assert "exactly one load".
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from .base import (
     Usage,
 )
 from .errors import (
-    ContextLengthExceeded,
     EngineError,
     EngineFault,
     InsufficientMemory,
@@ -46,6 +46,7 @@ from .errors import (
     RequestError,
     TransientLoadError,
 )
+from .streaming import check_context, check_input, check_usable, completion_budget, validate_sampling
 from .textstream import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -130,13 +131,8 @@ class FakeModel:
         return self._script
 
     def _check(self, request: GenerationRequest) -> tuple[int, tuple[str, ...], str]:
-        if self.fault is not None:
-            raise EngineFault(f"model {self._model_id} is failed: {self.fault}")
-        if self.unloaded:
-            raise EngineError(f"model {self._model_id} is unloaded")
-        if (request.prompt is None) == (request.messages is None):
-            raise RequestError("exactly one of prompt and messages is required", param="messages")
-        param = "prompt" if request.prompt is not None else "messages"
+        check_usable(self._model_id, fault=self.fault, unloaded=self.unloaded)
+        param = check_input(request)
         if request.messages is not None:
             if not request.messages:
                 raise RequestError("messages must not be empty", param="messages")
@@ -144,26 +140,14 @@ class FakeModel:
             last = request.messages[-1].content
         else:
             text = last = request.prompt or ""
-        s = request.sampling
-        if s.temperature < 0:
-            raise RequestError("temperature must be >= 0", param="temperature")
-        if not 0 < s.top_p <= 1:
-            raise RequestError("top_p must be in (0, 1]", param="top_p")
-        if s.max_tokens is not None and s.max_tokens < 1:
-            raise RequestError("max_tokens must be >= 1", param="max_tokens")
+        validate_sampling(request.sampling)
         n_prompt = count_tokens(text)
-        if n_prompt >= self._context_length:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self._context_length} tokens; "
-                f"the prompt has {n_prompt}",
-                param=param,
-            )
-        if s.max_tokens is not None and n_prompt + s.max_tokens > self._context_length:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self._context_length} tokens; you requested "
-                f"{n_prompt + s.max_tokens}",
-                param="max_tokens",
-            )
+        check_context(
+            n_prompt=n_prompt,
+            max_tokens=request.sampling.max_tokens,
+            context_length=self._context_length,
+            param=param,
+        )
         script_tokens = (
             tuple(w if i == 0 else " " + w for i, w in enumerate(last.split()))
             if self._script.echo
@@ -175,8 +159,9 @@ class FakeModel:
         n_prompt, script_tokens, _ = self._check(request)
         self._engine.requests_total += 1
         s = request.sampling
-        room = self._context_length - n_prompt
-        max_new = room if s.max_tokens is None else min(s.max_tokens, room)
+        max_new = completion_budget(
+            n_prompt=n_prompt, max_tokens=s.max_tokens, context_length=self._context_length
+        )
         stops = StopStringMatcher(s.stop)
         finished = False
         self.in_flight += 1

@@ -44,6 +44,7 @@ from .base import (
     Delta,
     EngineName,
     Final,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     LoadProgress,
@@ -63,6 +64,7 @@ from .errors import (
     ModelSourceError,
     RequestError,
 )
+from .streaming import EventChannel, InFlight, check_input, check_usable
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,8 @@ class MLCModel:
         self._process = process
         self._memory = MemoryReport(per_device_mb=dict.fromkeys(spec.devices, 0))
         self._context_length = spec.context_length or 0
-        self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
-        self._by_request: dict[RequestId, set[str]] = {}
+        self._streams: dict[str, _WorkerStream] = {}
+        self._in_flight: InFlight[str] = InFlight()  # wire ids by request id
         self._ids = itertools.count()
         self._fault: str | None = None
         self._closing = False
@@ -234,8 +236,8 @@ class MLCModel:
             if not self._closing:
                 self._fault = reason
                 log.error("model %s failed: %s", self._model_id, reason)
-            for queue in self._streams.values():
-                queue.put_nowait({"ev": "died", "message": reason})
+            for stream in self._streams.values():
+                stream.channel.put(EngineFault(f"model {self._model_id} failed: {reason}"))
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event.get("ev")
@@ -251,16 +253,12 @@ class MLCModel:
             if not self._load_result.done():
                 error = _LOAD_ERRORS.get(str(event.get("kind")), LoadError)
                 self._load_result.set_exception(error(str(event.get("message"))))
-        elif (queue := self._streams.get(str(event.get("id")))) is not None:
-            queue.put_nowait(event)
+        elif (stream := self._streams.get(str(event.get("id")))) is not None:
+            stream.on_event(event)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        if self._fault is not None:
-            raise EngineFault(f"model {self._model_id} is failed: {self._fault}")
-        if self._closing:
-            raise EngineError(f"model {self._model_id} is unloaded")
-        if (request.prompt is None) == (request.messages is None):
-            raise RequestError("exactly one of prompt and messages is required", param="messages")
+        check_usable(self._model_id, fault=self._fault, unloaded=self._closing)
+        check_input(request)
         s = request.sampling
         wire_id = f"{request.request_id}#{next(self._ids)}"
         message: dict[str, Any] = {
@@ -282,55 +280,21 @@ class MLCModel:
             ]
         else:
             message["prompt"] = request.prompt
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._streams[wire_id] = queue
-        self._by_request.setdefault(request.request_id, set()).add(wire_id)
-        finished = False
+        stream = self._streams[wire_id] = _WorkerStream()
+        self._in_flight.add(request.request_id, wire_id)
         try:
             await self._send(message)
-            completion = 0
-            while True:
-                event = await queue.get()
-                kind = event.get("ev")
-                if kind == "delta":
-                    completion += 1
-                    if text := str(event.get("text") or ""):
-                        yield Delta(text=text)
-                elif kind == "final":
-                    finished = True
-                    yield Final(
-                        usage=Usage(
-                            prompt_tokens=int(event.get("prompt_tokens") or 0),
-                            completion_tokens=int(event.get("completion_tokens") or completion),
-                        ),
-                        finish_reason="length" if event.get("finish_reason") == "length" else "stop",
-                    )
-                    return
-                elif kind == "aborted":
-                    finished = True
-                    yield Final(
-                        usage=Usage(prompt_tokens=0, completion_tokens=completion), finish_reason="stop"
-                    )
-                    return
-                elif kind == "error":
-                    finished = True
-                    raise _request_error(event)
-                elif kind == "died":
-                    finished = True
-                    raise EngineFault(f"model {self._model_id} failed: {event.get('message')}")
+            async for event in stream.channel:
+                yield event
         finally:
             self._streams.pop(wire_id, None)
-            ids = self._by_request.get(request.request_id)
-            if ids is not None:
-                ids.discard(wire_id)
-                if not ids:
-                    del self._by_request[request.request_id]
-            if not finished and self._fault is None and not self._closing:
+            self._in_flight.discard(request.request_id, wire_id)
+            if not stream.channel.finished and self._fault is None and not self._closing:
                 with contextlib.suppress(EngineError):
                     await self._send({"op": "abort", "id": wire_id})
 
     async def abort(self, request_id: RequestId) -> None:
-        for wire_id in list(self._by_request.get(request_id, ())):
+        for wire_id in self._in_flight.of(request_id):
             with contextlib.suppress(EngineError):
                 await self._send({"op": "abort", "id": wire_id})
 
@@ -359,6 +323,36 @@ class MLCModel:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError, LoadError):
                 await self._reader
+
+
+class _WorkerStream:
+    """One generation as the worker reports it, turned into engine events on an `EventChannel`."""
+
+    __slots__ = ("_deltas", "channel")
+
+    def __init__(self) -> None:
+        self.channel = EventChannel()
+        self._deltas = 0  # the completion's token count when the worker reports none
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("ev")
+        if kind == "delta":
+            self._deltas += 1
+            if text := str(event.get("text") or ""):
+                self.channel.put(Delta(text=text))
+        elif kind == "final":
+            usage = Usage(
+                prompt_tokens=int(event.get("prompt_tokens") or 0),
+                completion_tokens=int(event.get("completion_tokens") or self._deltas),
+            )
+            finish: FinishReason = "length" if event.get("finish_reason") == "length" else "stop"
+            self.channel.put(Final(usage=usage, finish_reason=finish))
+        elif kind == "aborted":
+            self.channel.put(
+                Final(usage=Usage(prompt_tokens=0, completion_tokens=self._deltas), finish_reason="stop")
+            )
+        elif kind == "error":
+            self.channel.put(_request_error(event))
 
 
 def _request_error(event: Mapping[str, Any]) -> EngineError:

@@ -57,7 +57,6 @@ from .base import (
     Usage,
 )
 from .errors import (
-    ContextLengthExceeded,
     EngineError,
     EngineFault,
     InsufficientMemory,
@@ -65,6 +64,15 @@ from .errors import (
     ModelSourceError,
     RequestError,
     TransientLoadError,
+)
+from .streaming import (
+    EventChannel,
+    InFlight,
+    check_context,
+    check_input,
+    check_usable,
+    completion_budget,
+    validate_sampling,
 )
 from .textstream import StopStringMatcher
 
@@ -120,7 +128,7 @@ class _Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[GenerationEvent | BaseException]
+    channel: EventChannel = field(default_factory=EventChannel)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: CancelReason | None = None
 
@@ -132,7 +140,7 @@ class _Job:
     def send(self, item: GenerationEvent | BaseException) -> None:
         """Hand an event to the consumer (thread-safe). A closed loop means nobody listens any more."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.channel.put, item)
         except RuntimeError:
             self.request_cancel("client")
 
@@ -246,7 +254,7 @@ class TransformersModel:
         self._context_length = context_length
         self._memory = memory
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._active: dict[RequestId, set[_Job]] = {}
+        self._in_flight: InFlight[_Job] = InFlight()
         self._fault: str | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name=f"helexa-engine:{model_id}", daemon=True)
@@ -280,42 +288,26 @@ class TransformersModel:
             prompt_ids=prompt_ids,
             sampling=request.sampling,
             loop=asyncio.get_running_loop(),
-            events=asyncio.Queue(),
         )
-        self._active.setdefault(request.request_id, set()).add(job)
+        self._in_flight.add(request.request_id, job)
         self._queue.put(job)
-        finished = False
         try:
-            while True:
-                item = await job.events.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if isinstance(item, Final):
-                    finished = True
-                    yield item
-                    return
-                yield item
+            async for event in job.channel:
+                yield event
         finally:
-            if not finished:
+            if not job.channel.finished:
                 # The consumer went away (aclose or cancellation): stop decoding for nobody.
                 job.request_cancel("client")
-            jobs = self._active.get(request.request_id)
-            if jobs is not None:
-                jobs.discard(job)
-                if not jobs:
-                    del self._active[request.request_id]
+            self._in_flight.discard(request.request_id, job)
 
     def _check_usable(self) -> _Runtime:
-        if self._fault is not None:
-            raise EngineFault(f"model {self._model_id} is failed: {self._fault}")
         runtime = self._runtime
-        if self._closing or runtime is None:
-            raise EngineError(f"model {self._model_id} is unloaded")
+        check_usable(self._model_id, fault=self._fault, unloaded=self._closing or runtime is None)
+        assert runtime is not None  # refused above when unloaded
         return runtime
 
     async def abort(self, request_id: RequestId) -> None:
-        for job in list(self._active.get(request_id, ())):
+        for job in self._in_flight.of(request_id):
             job.request_cancel("abort")
 
     async def unload(self) -> None:
@@ -323,9 +315,8 @@ class TransformersModel:
             await in_own_thread(self._thread.join)
             return
         self._closing = True
-        for jobs in list(self._active.values()):
-            for job in list(jobs):
-                job.request_cancel("unload")
+        for job in self._in_flight.all():
+            job.request_cancel("unload")
         self._queue.put(None)
         await in_own_thread(self._thread.join)
         runtime, self._runtime = self._runtime, None
@@ -339,12 +330,10 @@ class TransformersModel:
     def _prepare(self, request: GenerationRequest) -> list[int]:
         """Validate and tokenize; raises `RequestError` (nothing has been emitted yet)."""
         runtime = self._check_usable()
-        _validate_sampling(request.sampling)
+        validate_sampling(request.sampling)
         tokenizer = runtime.tokenizer
-        if (request.prompt is None) == (request.messages is None):
-            raise RequestError("exactly one of prompt and messages is required", param="messages")
+        param = check_input(request)
         if request.messages is not None:
-            param = "messages"
             if not request.messages:
                 raise RequestError("messages must not be empty", param="messages")
             if not getattr(tokenizer, "chat_template", None):
@@ -365,25 +354,17 @@ class TransformersModel:
                 raise RequestError(f"chat template rejected the messages: {exc}", param="messages") from exc
             ids = list(tokenizer.encode(str(text), add_special_tokens=False))
         else:
-            param = "prompt"
             ids = list(tokenizer.encode(request.prompt or "", add_special_tokens=True))
             if not ids and tokenizer.bos_token_id is not None:
                 ids = [int(tokenizer.bos_token_id)]
         if not ids:
             raise RequestError("the prompt is empty", param=param)
-        n_prompt, limit = len(ids), self._context_length
-        if n_prompt >= limit:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {limit} tokens; the prompt has {n_prompt}",
-                param=param,
-            )
-        max_tokens = request.sampling.max_tokens
-        if max_tokens is not None and n_prompt + max_tokens > limit:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {limit} tokens; you requested "
-                f"{n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} for the completion)",
-                param="max_tokens",
-            )
+        check_context(
+            n_prompt=len(ids),
+            max_tokens=request.sampling.max_tokens,
+            context_length=self._context_length,
+            param=param,
+        )
         return ids
 
     # -- the inference thread --------------------------------------------------------------------
@@ -434,8 +415,9 @@ class TransformersModel:
 
         sampling = job.sampling
         n_prompt = len(job.prompt_ids)
-        room = self._context_length - n_prompt
-        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        max_new = completion_budget(
+            n_prompt=n_prompt, max_tokens=sampling.max_tokens, context_length=self._context_length
+        )
         generator = rt.generator(sampling.seed)
         detok = _Detokenizer(rt.raw_tokenizer)
         stops = StopStringMatcher(sampling.stop)
@@ -513,17 +495,6 @@ def in_own_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         target=target, name=f"helexa-engine:{getattr(fn, '__name__', 'call')}", daemon=True
     ).start()
     return future
-
-
-def _validate_sampling(s: SamplingParams) -> None:
-    if not (s.temperature >= 0 and math.isfinite(s.temperature)):
-        raise RequestError("temperature must be a finite number >= 0", param="temperature")
-    if not (0 < s.top_p <= 1):
-        raise RequestError("top_p must be in (0, 1]", param="top_p")
-    if s.top_k < 0:
-        raise RequestError("top_k must be >= 0", param="top_k")
-    if s.max_tokens is not None and s.max_tokens < 1:
-        raise RequestError("max_tokens must be >= 1", param="max_tokens")
 
 
 def _release_memory(device: str) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from engine.base import (
-    ChatMessage,
     Delta,
     Final,
     GenerationRequest,
@@ -34,26 +33,13 @@ from engine.errors import (
 from engine.transformers_engine import TransformersEngine, TransformersModel, _Detokenizer
 
 from .conftest import load_sync
+from .helpers import collect, collect_deltas, user_request
 
-HELLO = (ChatMessage(role="user", content="Hello there, how are you?"),)
+HELLO = "Hello there, how are you?"
 
 
 def chat(**sampling: Any) -> GenerationRequest:
-    return GenerationRequest(request_id=RequestId("r"), messages=HELLO, sampling=SamplingParams(**sampling))
-
-
-async def collect(model: LoadedModel, request: GenerationRequest) -> tuple[str, list[str], Final]:
-    deltas: list[str] = []
-    final: Final | None = None
-    async for event in model.generate(request):
-        assert final is None, "nothing may follow Final"
-        if isinstance(event, Delta):
-            assert event.text, "deltas are never empty"
-            deltas.append(event.text)
-        else:
-            final = event
-    assert final is not None
-    return "".join(deltas), deltas, final
+    return user_request(HELLO, **sampling)
 
 
 def hf_greedy(path: Path, request_text: str, max_new_tokens: int) -> tuple[str, int]:
@@ -95,12 +81,12 @@ async def test_greedy_matches_transformers_generate(
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     rendered = str(
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": HELLO[0].content}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": HELLO}], tokenize=False, add_generation_prompt=True
         )
     )
     expected_text, expected_n = await asyncio.to_thread(hf_greedy, tiny_model_dir, rendered, 40)
-    text, deltas, final = await collect(tiny_model, chat(temperature=0, max_tokens=40))
-    assert text == expected_text
+    deltas, final = await collect_deltas(tiny_model, chat(temperature=0, max_tokens=40))
+    assert "".join(deltas) == expected_text
     assert final.usage.completion_tokens == expected_n
     assert final.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
     assert len(deltas) > 1
@@ -112,7 +98,7 @@ async def test_completion_prompt(tiny_model: TransformersModel) -> None:
         prompt="Beautiful is better than",
         sampling=SamplingParams(max_tokens=7, seed=3),
     )
-    _, _, final = await collect(tiny_model, request)
+    _, final = await collect(tiny_model, request)
     assert final.usage.prompt_tokens > 0
     assert final.usage.total_tokens == final.usage.prompt_tokens + final.usage.completion_tokens
     assert 1 <= final.usage.completion_tokens <= 7
@@ -129,7 +115,7 @@ async def test_greedy_is_deterministic(tiny_model: TransformersModel) -> None:
 async def test_seed_determinism(tiny_model: TransformersModel) -> None:
     same = [await collect(tiny_model, chat(temperature=1.0, seed=42, max_tokens=12)) for _ in range(2)]
     assert same[0][0] == same[1][0]
-    assert same[0][2] == same[1][2]
+    assert same[0][1] == same[1][1]
     others = {(await collect(tiny_model, chat(temperature=1.0, seed=s, max_tokens=12)))[0] for s in (1, 2, 3)}
     assert len(others | {same[0][0]}) >= 3, "different seeds should give different samples"
     unseeded = {(await collect(tiny_model, chat(temperature=1.0, max_tokens=12)))[0] for _ in range(2)}
@@ -144,18 +130,19 @@ async def test_top_k_one_is_greedy(tiny_model: TransformersModel) -> None:
 
 
 async def test_max_tokens_gives_length(tiny_model: TransformersModel) -> None:
-    _, _, final = await collect(tiny_model, chat(temperature=0, max_tokens=5))
+    _, final = await collect(tiny_model, chat(temperature=0, max_tokens=5))
     assert final.finish_reason == "length"
     assert final.usage.completion_tokens == 5
 
 
 async def test_stop_string_spanning_deltas_is_trimmed(tiny_model: TransformersModel) -> None:
-    full, deltas, _ = await collect(tiny_model, chat(temperature=0, max_tokens=40))
+    deltas, _ = await collect_deltas(tiny_model, chat(temperature=0, max_tokens=40))
+    full = "".join(deltas)
     # A stop string made of the end of one delta and the start of the next.
     i = next(i for i in range(2, len(deltas) - 1) if deltas[i] and deltas[i + 1] and deltas[i].strip())
     stop = deltas[i][-1] + deltas[i + 1][:1]
     cut = full.find(stop)
-    text, _, final = await collect(tiny_model, chat(temperature=0, max_tokens=40, stop=[stop]))
+    text, final = await collect(tiny_model, chat(temperature=0, max_tokens=40, stop=[stop]))
     assert final.finish_reason == "stop"
     assert text == full[:cut]
     assert stop not in text
@@ -163,9 +150,9 @@ async def test_stop_string_spanning_deltas_is_trimmed(tiny_model: TransformersMo
 
 
 async def test_stop_string_never_in_output(tiny_model: TransformersModel) -> None:
-    full, _, _ = await collect(tiny_model, chat(temperature=0, max_tokens=40))
+    full, _ = await collect(tiny_model, chat(temperature=0, max_tokens=40))
     stop = "zzz-not-there"
-    text, _, final = await collect(tiny_model, chat(temperature=0, max_tokens=40, stop=(stop, full[5:8])))
+    text, final = await collect(tiny_model, chat(temperature=0, max_tokens=40, stop=(stop, full[5:8])))
     assert text == full[: full.find(full[5:8])]
     assert final.finish_reason == "stop"
 
@@ -205,7 +192,7 @@ async def test_until_context_full_gives_length(tiny_model_dir: Path) -> None:
     )
     try:
         assert model.context_length == 40
-        _, _, final = await collect(model, chat(temperature=0))
+        _, final = await collect(model, chat(temperature=0))
         assert final.finish_reason == "length"
         assert final.usage.total_tokens == 40
     finally:
@@ -239,11 +226,11 @@ async def test_aclose_aborts_and_frees_the_model(
             if received == 3:
                 break
         await stream.aclose()  # type: ignore[attr-defined]
-        _, _, final = await collect(model, chat(temperature=0, max_tokens=3))
+        _, final = await collect(model, chat(temperature=0, max_tokens=3))
         assert final.usage.completion_tokens == 3
         # The abandoned request stopped long before filling the context.
         assert calls[0] < 200
-        assert not model._active
+        assert not model._in_flight
     finally:
         await model.unload()
 
@@ -260,14 +247,12 @@ async def test_cancelling_the_consumer_task_aborts(tiny_model: TransformersModel
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    _, _, final = await asyncio.wait_for(collect(tiny_model, chat(max_tokens=2)), timeout=30)
+    _, final = await asyncio.wait_for(collect(tiny_model, chat(max_tokens=2)), timeout=30)
     assert final.usage.completion_tokens == 2
 
 
 async def test_abort_from_outside_ends_the_stream(tiny_model: TransformersModel) -> None:
-    request = GenerationRequest(
-        request_id=RequestId("victim"), messages=HELLO, sampling=SamplingParams(seed=5)
-    )
+    request = user_request(HELLO, rid="victim", seed=5)
     final: Final | None = None
     n = 0
     async for event in tiny_model.generate(request):
@@ -287,7 +272,7 @@ async def test_concurrent_requests_are_serialised(tiny_model: TransformersModel)
     alone = [await collect(tiny_model, r) for r in requests]
     together = await asyncio.gather(*(collect(tiny_model, r) for r in requests))
     assert [t[0] for t in together] == [a[0] for a in alone]
-    assert [t[2] for t in together] == [a[2] for a in alone]
+    assert [t[1] for t in together] == [a[1] for a in alone]
 
 
 async def test_device_fault_poisons_only_this_model(
@@ -335,7 +320,7 @@ async def test_other_errors_are_not_faults(tiny_model_dir: Path, monkeypatch: py
             await collect(model, chat(temperature=0, max_tokens=10))
         assert not isinstance(info.value, EngineFault)
         assert model.fault is None
-        _, _, final = await collect(model, chat(max_tokens=3))
+        _, final = await collect(model, chat(max_tokens=3))
         assert final.usage.completion_tokens == 3
     finally:
         await model.unload()
@@ -373,7 +358,7 @@ async def test_qwen2_with_padded_vocab(tiny_qwen_dir: Path, monkeypatch: pytest.
             return token
 
         monkeypatch.setattr(runtime, "sample", recording)
-        _, _, final = await collect(model, chat(temperature=2.0, seed=9, max_tokens=60))
+        _, final = await collect(model, chat(temperature=2.0, seed=9, max_tokens=60))
         assert len(sampled) == final.usage.completion_tokens
         assert max(sampled) < 512
     finally:
@@ -468,7 +453,7 @@ async def test_repo_id_loads_from_the_hf_cache(tiny_model_dir: Path, tmp_path: P
         progress=seen.append,
     )
     try:
-        _, _, final = await collect(model, chat(max_tokens=2))
+        _, final = await collect(model, chat(max_tokens=2))
         assert final.usage.completion_tokens == 2
         assert [p.phase for p in seen][:2] == ["resolving", "downloading"]
     finally:
