@@ -435,9 +435,30 @@ def _ordered(raw: Mapping[str, object]) -> dict[str, object]:
     return {k: raw[k] for k in [*known, *(k for k in raw if k not in FIELDS)]}
 
 
+_ALWAYS_WRITTEN: frozenset[str] = frozenset({"id", "source", "version"})
+
+
+def _without_defaults(path: Path, raw: dict[str, object], new: ModelEntry, index: int) -> dict[str, object]:
+    """`raw` without the keys that only restate a default (`min_devices = 1`, `resident = false`,
+    `keep_alive = "30m"`, `defaults = {}`, ...), so an entry adopted from a peer's gossip form reads like a
+    hand-written one. `id`, `source` and `version` always stay. A key is dropped only when the entry
+    without it parses cleanly to exactly `new`, so the file means the same either way."""
+    out = dict(raw)
+    for key in list(raw):
+        if key in _ALWAYS_WRITTEN:
+            continue
+        trial = {k: v for k, v in out.items() if k != key}
+        trimmed, problems = parse_entry(trial, file=str(path), index=index, base_dir=path.parent)
+        if trimmed is not None and not problems and trimmed == new:
+            out = trial
+    return out
+
+
 def add_entry(path: str | os.PathLike[str], entry: Mapping[str, object]) -> ModelEntry:
     """Append a new `[[models]]` table for `entry` (keys as in models.toml; `version` defaults to 1).
 
+    Only `id`, `source`, `version` and the keys that differ from their defaults are written (an entry
+    adopted whole from gossip does not spell out every default); the table re-parses to the same entry.
     Refused (`CatalogueEditError`, file untouched) when the entry has any problem or its id or an alias is
     already used. Creates the file when it does not exist. Returns the validated entry.
     """
@@ -450,6 +471,7 @@ def add_entry(path: str | os.PathLike[str], entry: Mapping[str, object]) -> Mode
         aot = _models_aot(doc, file_path)
         models = _raw_models(doc)
         new = _validate_strict(file_path, raw, len(models) + 1)
+        raw = _without_defaults(file_path, raw, new, len(models) + 1)
         current = parse_catalogue_text(doc.as_string(), file=str(file_path), base_dir=file_path.parent)
         problems = _check_names(
             file_path, new, current.entries, (m.get("id") for m in models if isinstance(m, dict))

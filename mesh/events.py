@@ -138,6 +138,7 @@ class EventBus:
         self._subs: set[Subscription] = set()
         self._history: collections.deque[Event] = collections.deque(maxlen=history)
         self.published = 0
+        self.closed = False
 
     def publish(self, event: Event) -> None:
         """Never blocks, never raises."""
@@ -147,7 +148,13 @@ class EventBus:
             sub._put(event)
 
     def subscribe(self, *, replay: bool = True) -> Subscription:
+        """A new subscription, first holding the last `history` events when `replay`. Once the bus is closed
+        it is already closed and empty (no replay), so an SSE client that connects during shutdown ends at
+        once instead of holding the server's stop until its shutdown timeout."""
         sub = Subscription(self, self.queue_size)
+        if self.closed:
+            sub._close()
+            return sub
         if replay:
             for ev in self._history:
                 sub._put(ev)
@@ -163,7 +170,8 @@ class EventBus:
             sub.unsubscribe()
 
     def close(self) -> None:
-        """End every subscription (app shutdown): SSE handlers return."""
+        """End every subscription (app shutdown): SSE handlers return; later subscriptions start closed."""
+        self.closed = True
         for sub in list(self._subs):
             sub._close()
         self._subs.clear()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import orjson
 import pytest
 import tomlkit
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catalogue import store
@@ -234,6 +235,52 @@ def test_update_replace_writes_only_what_changes_the_meaning(catalogue_file: Pat
     assert catalogue_file.read_text() == expected.replace(
         "memory_mb = 1000  # measured on beast\n", "memory_mb = 1000  # measured on beast\nversion = 2\n"
     )
+
+
+def test_add_of_a_gossiped_entry_writes_only_what_differs_from_the_defaults(catalogue_file: Path) -> None:
+    """A brand-new entry adopted whole from a peer (its gossip form spells out every default) is written
+    like a hand-written one: id, source, the non-default fields and the version."""
+    peer_entry = ModelEntry(
+        id="org/new",  # type: ignore[arg-type]
+        source="org/new",
+        memory_mb=2000,
+        aliases=("new",),
+        keep_alive_s=600.0,
+        version=3,
+    )
+    adopted = add_entry(catalogue_file, entry_to_dict(peer_entry))
+    assert adopted == peer_entry
+    assert catalogue_file.read_text() == COMMENTED.replace(
+        "memory_mb = 40000\n\n",
+        "memory_mb = 40000\n\n"
+        "[[models]]\n"
+        'id = "org/new"\n'
+        'source = "org/new"\n'
+        "memory_mb = 2000\n"
+        'aliases = ["new"]\n'
+        'keep_alive = "10m"\n'
+        "version = 3\n\n",
+    )
+    assert load_catalogue(catalogue_file).resolve("new") == peer_entry
+
+
+@settings(SHARED_MACHINE, max_examples=40)
+@given(model_entries())
+def test_added_entries_hold_no_defaults_and_reparse_to_the_same_entry(entry: ModelEntry) -> None:
+    base = entry_to_dict(ModelEntry(id=entry.id, source="x"))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "models.toml"
+        added = add_entry(path, entry_to_dict(entry))
+        assert added == entry
+        assert load_catalogue(path).entries == (entry,)
+        (table,) = tomlkit.parse(path.read_text()).unwrap()["models"]
+    assert {"id", "version"} <= table.keys()
+    for key, value in table.items():
+        if key not in ("id", "source", "version"):
+            assert base.get(key, _MISSING) != value, key
+
+
+_MISSING = object()
 
 
 @pytest.mark.parametrize(

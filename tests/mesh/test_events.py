@@ -56,6 +56,35 @@ async def test_close_ends_iteration():
     assert await asyncio.wait_for(task, 2) == ["n1"]
 
 
+async def test_subscribing_after_close_gets_a_closed_subscription():
+    bus = EventBus()
+    bus.publish(_ev(1))
+    bus.close()
+    sub = bus.subscribe()
+    assert sub.closed and bus.subscribers == 0
+    assert await asyncio.wait_for(sub.get(), 2) is None  # no replay, no wait: the bus is gone
+    assert [e async for e in sub] == []
+
+
+async def test_sse_client_arriving_after_close_ends_at_once():
+    """A `/mesh/events` client that connects after the bus closed (agent stopping) gets a stream that ends
+    at once, rather than one that idles with keep-alives and holds the server's shutdown."""
+    bus = EventBus()
+    bus.publish(_ev(1))
+    app = web.Application()
+    app.router.add_get("/mesh/events", sse_handler(bus, keepalive_s=0.05))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        bus.close()
+        async with aiohttp.ClientSession() as s, s.get(server.make_url("/mesh/events")) as r:
+            body = await asyncio.wait_for(r.read(), 2)
+        assert body == b": connected\n\n"
+        assert bus.subscribers == 0
+    finally:
+        await server.close()
+
+
 async def test_sse_handler_streams_events_and_keepalives():
     bus = EventBus()
     app = web.Application()
