@@ -84,7 +84,7 @@ class HyperParams:
     """Everything that decides the trained weights (besides the Python stdlib the text comes from)."""
 
     seed: int = 1234
-    steps: int = 220
+    steps: int = 600
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 768
