@@ -10,6 +10,7 @@ are the issue's acceptance criteria with generous slack, not performance measure
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
@@ -70,14 +71,24 @@ async def start(tmp_path: Path) -> AsyncIterator[Starter]:
         return agent
 
     yield _start
+    while _clients:
+        with contextlib.suppress(Exception):
+            await _clients.pop().close()
     for agent in started:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.proc.kill()
             agent.proc.wait(timeout=10)
 
 
+# Every SDK client a test opens, closed by the `start` fixture before the loop ends: a client left to the
+# garbage collector after its agent died mid-stream warns about an unclosed transport (an error here).
+_clients: list[openai.AsyncOpenAI] = []
+
+
 def client(agent: AgentProc) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    c = openai.AsyncOpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    _clients.append(c)
+    return c
 
 
 async def exit_status(agent: AgentProc, timeout_s: float) -> tuple[int, float]:
