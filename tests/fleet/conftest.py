@@ -36,10 +36,11 @@ __all__ = ["OPTIONS", "TIMING", "Fleet", "StaticHardware", "entry", "eventually"
 class StaticHardware(Hardware):
     """One cpu device of a fixed size whose free memory is what the agent's fake models leave."""
 
-    def __init__(self, engine: FakeEngine, total_mb: int) -> None:
+    def __init__(self, engine: FakeEngine, total_mb: int, utilization: float | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.total_mb = total_mb
+        self.utilization = utilization
 
     def probe(self) -> HardwareSnapshot:
         used = sum(m.memory.total_mb for m in self.engine.loaded.values())
@@ -49,6 +50,7 @@ class StaticHardware(Hardware):
             model="test cpu",
             memory_total_mb=self.total_mb,
             memory_free_mb=max(0, self.total_mb - used),
+            utilization=self.utilization,
         )
         self.last = HardwareSnapshot(devices=(cpu,), gpu_available=False, ram_total_mb=self.total_mb)
         return self.last
@@ -102,8 +104,9 @@ class Fleet:
 
     _ids = itertools.count()
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, utilization: float | None = None) -> None:
         self.tmp_path = tmp_path
+        self.utilization = utilization  # what every agent's cpu device reports
         self.members: list[Member] = []
         self.http = aiohttp.ClientSession()
 
@@ -135,7 +138,7 @@ class Fleet:
         running = await start_agent(
             config,
             engine_for=lambda e, d: engine,
-            hardware=StaticHardware(engine, memory_mb),
+            hardware=StaticHardware(engine, memory_mb, self.utilization),
             catalogue=entries,
             neuron_timing=FAST,
             mesh_options=options,
