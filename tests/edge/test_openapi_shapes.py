@@ -27,7 +27,12 @@ from mesh.routing import Location, ModelListing
 
 from .conftest import Edge
 
-OPENAI_SPEC_PATH = Path("/work/shared/openai-openapi/openapi.yaml")
+# The published spec lies in ../shared beside the checkout (CI and developers alike).
+_SPEC_CANDIDATES = [
+    Path(__file__).resolve().parents[2].parent / "shared" / "openai-openapi" / "openapi.yaml",
+    Path("/work/shared/openai-openapi/openapi.yaml"),
+]
+OPENAI_SPEC_PATH = next((p for p in _SPEC_CANDIDATES if p.exists()), _SPEC_CANDIDATES[0])
 EXTRACT_PATH = Path(__file__).with_name("openai_schemas.json")
 ROOTS = (
     "CreateChatCompletionResponse",
