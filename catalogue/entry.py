@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.base import ModelId
+from helexa.engine.base import ModelId
 
 EngineChoice = Literal["auto", "mlc", "transformers", "fake"]
 

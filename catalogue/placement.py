@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from engine.base import ModelId
+from helexa.engine.base import ModelId
 
 from .entry import ModelEntry
 

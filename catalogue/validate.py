@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
-from engine.base import ModelId
+from helexa.engine.base import ModelId
 
 from .durations import parse_keep_alive
 from .entry import DEFAULT_KEEP_ALIVE_S, EngineChoice, ModelEntry

@@ -68,7 +68,7 @@ from .streaming import EventChannel, InFlight, check_input, check_usable
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "engine.mlc_engine"
+WORKER_MODULE = "helexa.engine.mlc_engine"
 # How long a worker gets to exit after "shutdown" before it is killed (MLC's terminate joins threads).
 SHUTDOWN_GRACE_S = 10.0
 # Protocol lines carry small deltas, but a load error may carry a long traceback.

@@ -36,19 +36,18 @@ from typing import Any
 
 from aiohttp import web
 
-from catalogue.entry import ModelEntry
-from engine.base import Engine
-
-from . import appkeys
-from .config import AgentConfig, ConfigError, load_config
-from .cortex import CatalogueView, MeshCortex
-from .fleet import Fleet
-from .hardware import Hardware, HardwareSnapshot
-from .identity import Identity, load_identity
-from .metrics import Metrics
-from .neuron import EngineFactory, HardwareDevices, Neuron, NeuronTiming
-from .records import DeviceRecord, NodeRecord
-from .runtime import LocalCatalogue, MeshOptions, MeshRuntime
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import Engine
+from helexa.mesh.config import AgentConfig, ConfigError, load_config
+from helexa.mesh.fleet.records import DeviceRecord, NodeRecord
+from helexa.mesh.fleet.view import Fleet
+from helexa.mesh.hardware import Hardware, HardwareSnapshot
+from helexa.mesh.identity import Identity, load_identity
+from helexa.mesh.metrics import Metrics
+from helexa.mesh.peering import LocalCatalogue, MeshOptions, MeshRuntime
+from helexa.mesh.routing.cortex import CatalogueView, MeshCortex
+from helexa.mesh.routing.neuron import EngineFactory, HardwareDevices, Neuron, NeuronTiming
+from helexa.mesh.server import appkeys
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ AGENT: web.AppKey[Agent] = web.AppKey("helexa_agent", Agent)
 def _read_catalogue(config: AgentConfig) -> list[ModelEntry]:
     """Create the default catalogue if needed and read it (blocking; run off the loop). Never raises."""
     try:
-        from catalogue import store
+        from helexa.catalogue import store
     except ImportError as e:  # pragma: no cover - the catalogue package is part of helexa
         log.warning("catalogue support unavailable (%s); serving no models", e)
         return []
@@ -136,7 +135,7 @@ def _read_catalogue(config: AgentConfig) -> list[ModelEntry]:
 def catalogue_dicts(entries: Sequence[ModelEntry]) -> tuple[dict[str, object], ...]:
     """Entries as plain dicts for this node's record (gossip carries them)."""
     try:
-        from catalogue.store import entry_to_dict
+        from helexa.catalogue.store import entry_to_dict
     except ImportError:  # pragma: no cover
         return ()
     return tuple(entry_to_dict(e) for e in entries)
@@ -150,7 +149,7 @@ def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> Engin
     cache: dict[str, Engine] = dict(engines or {})
 
     def engine_for(entry: ModelEntry, devices: tuple[DeviceRecord, ...]) -> Engine:
-        from engine import registry
+        from helexa.engine import registry
 
         has_cuda = any(d.kind == "cuda" for d in devices)
         name = registry.choose_engine(entry.engine, entry.source, has_cuda)
@@ -165,7 +164,7 @@ def _engine_names(snapshot: HardwareSnapshot) -> tuple[str, ...]:
     """Engines this node runs (placement filters on them): transformers always, mlc on CUDA hosts that
     have it (the scripted `fake` engine runs anywhere: placement does not filter it). With injected
     engines (in-process tests) the node publishes none, which placement does not filter."""
-    from engine import registry
+    from helexa.engine import registry
 
     names = ["transformers"]
     if snapshot.gpu_available and registry.mlc_available():
@@ -301,11 +300,11 @@ def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
 
 def make_app(agent: Agent) -> web.Application:
     """The aiohttp application over an assembled agent: routes, middleware, state, background tasks."""
-    from .auth import peer_auth_middleware
-    from .forwarding import Forwarder
-    from .operator_api import add_operator_routes
-    from .peer_api import add_peer_routes
-    from .server import add_openai_routes, error_middleware
+    from helexa.mesh.gossip.auth import peer_auth_middleware
+    from helexa.mesh.routing.forwarding import Forwarder
+    from helexa.mesh.server.openai_routes import add_openai_routes, error_middleware
+    from helexa.mesh.server.operator_routes import add_operator_routes
+    from helexa.mesh.server.peer_routes import add_peer_routes
 
     app = web.Application(
         middlewares=[peer_auth_middleware(agent.mesh.auth), error_middleware],
@@ -421,7 +420,7 @@ class RunningAgent:
         self.closed = True
         if drain:
             await self._drain(now)
-        from .server import end_requests
+        from helexa.mesh.server.openai_routes import end_requests
 
         ended = await end_requests(self.app)
         if ended:

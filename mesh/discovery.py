@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .timing import MDNS_RESOLVE_TIMEOUT_MS, MDNS_TXT_MAX_BYTES
+from helexa.mesh.timing import MDNS_RESOLVE_TIMEOUT_MS, MDNS_TXT_MAX_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 
-from engine import errors as engine_errors
+from helexa.engine import errors as engine_errors
 
 logger = logging.getLogger(__name__)
 

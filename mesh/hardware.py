@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from .records import DeviceRecord
+from helexa.mesh.fleet.records import DeviceRecord
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import NodeId
+from helexa.mesh.fleet.records import NodeId
 
 log = logging.getLogger(__name__)
 

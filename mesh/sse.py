@@ -21,7 +21,7 @@ from typing import Final
 
 import orjson
 
-from .errors import HelexaError, error_envelope
+from helexa.mesh.errors import HelexaError, error_envelope
 
 logger = logging.getLogger(__name__)
 

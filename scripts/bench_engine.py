@@ -39,10 +39,10 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from catalogue.entry import ModelEntry  # noqa: E402
-from engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams  # noqa: E402
-from mesh.agent import AGENT, build_app  # noqa: E402
-from mesh.config import load_config  # noqa: E402
+from helexa.catalogue.entry import ModelEntry  # noqa: E402
+from helexa.engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams  # noqa: E402
+from helexa.mesh.agent import AGENT, build_app  # noqa: E402
+from helexa.mesh.config import load_config  # noqa: E402
 
 TARGET_RATIO = 0.95
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -65,7 +65,7 @@ class Sample:
 
 
 async def direct(model: object, max_tokens: int, n: int) -> Sample:
-    from engine.base import LoadedModel
+    from helexa.engine.base import LoadedModel
 
     assert isinstance(model, LoadedModel)
     request = GenerationRequest(
@@ -129,7 +129,7 @@ async def bench_model(
     model_id = f"bench/{label}"
     engine_for = None
     if source is None:
-        from engine.fake import FakeEngine
+        from helexa.engine.fake import FakeEngine
 
         fake = FakeEngine()
         engine_for = lambda e, d: fake  # noqa: E731
@@ -196,7 +196,7 @@ def qwen_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "helexa" / "bench"
     path = cache / "qwen2.5-0.5b-shaped"
     if not (path / "config.json").is_file():
-        from engine.testing import build_qwen25_05b_shaped
+        from helexa.engine.testing import build_qwen25_05b_shaped
 
         print(f"building a random-weight Qwen2.5-0.5B-shaped model in {path} (once) ...", flush=True)
         build_qwen25_05b_shaped(path)
@@ -213,7 +213,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await bench_model("model", Path(args.model_dir), rounds=args.rounds, max_tokens=args.max_tokens)
         )
     else:
-        from catalogue.validate import builtin_path
+        from helexa.catalogue.validate import builtin_path
 
         demo = builtin_path("demo")
         if (demo / "config.json").is_file():

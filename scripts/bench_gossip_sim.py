@@ -37,11 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.base import ModelId
-from mesh.codec import dumps, node_to_dict
-from mesh.gossip import Gossip, InMemoryNetwork, PeerAddr
-from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
-from mesh.timing import DEFAULT_TIMING, MeshTiming
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.codec import dumps, node_to_dict
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
+from helexa.mesh.gossip.exchange import Gossip, InMemoryNetwork, PeerAddr
+from helexa.mesh.timing import DEFAULT_TIMING, MeshTiming
 
 OLD_TIMING = dataclasses.replace(
     DEFAULT_TIMING, gossip_fanout=3, compact_digests=False, full_exchange_every_rounds=120

@@ -38,7 +38,7 @@ async def one_run(settle_s: float) -> tuple[float, float]:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "mesh.cli",
+            "helexa.mesh.cli",
             "agent",
             "--host",
             "127.0.0.1",

@@ -343,7 +343,7 @@ async def background_decode(rig: Rig) -> AsyncIterator[dict[str, float]]:
 async def engine_cold(engine: Any, source: str, options: dict[str, object]) -> float:
     """The engine's own load + first token, in this process (no HTTP, no mesh), greedy like the mesh
     request below so both decode the same tokens."""
-    from engine.base import (
+    from helexa.engine.base import (
         ChatMessage,
         Delta,
         GenerationRequest,
@@ -372,8 +372,8 @@ async def engine_cold(engine: Any, source: str, options: dict[str, object]) -> f
 
 
 async def cold_loads(rig: Rig, reps: int, real: bool, tiny_dir: Path | None) -> bool:
-    from engine import registry
-    from engine.base import EngineName
+    from helexa.engine import registry
+    from helexa.engine.base import EngineName
 
     print("\n3. cold load: first token through entry for a model loaded nowhere (serve loads it), vs the")
     print("   engine's own load + first token in this process; interleaved, greedy, medians")
@@ -455,7 +455,7 @@ async def run(args: argparse.Namespace) -> bool:
         work = Path(tmp)
         tiny_dir: Path | None = None
         if args.real:
-            from engine.testing import build_tiny_model
+            from helexa.engine.testing import build_tiny_model
 
             tiny_dir = await asyncio.to_thread(build_tiny_model, work / "tiny")
         catalogue = work / "models.toml"

@@ -40,8 +40,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tui.fake_agent import fake_agent_app  # noqa: E402
-from tui.source import FakeFleetSource  # noqa: E402
+from helexa.tui.fake_agent import fake_agent_app  # noqa: E402
+from helexa.tui.source import FakeFleetSource  # noqa: E402
 
 
 def serve_fake_agent(sock: socket.socket, nodes: int, gpus: int, *, frozen: bool) -> None:

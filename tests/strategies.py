@@ -28,10 +28,10 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from catalogue.entry import ModelEntry
-from catalogue.validate import DEFAULTS_FIELDS, ENGINES, FIELDS, parse_entry
-from engine.base import ModelId
-from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.validate import DEFAULTS_FIELDS, ENGINES, FIELDS, parse_entry
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
 
 # Settings for property tests on this shared, busy machine: no per-example deadline (timings are noise
 # here) and no "generation is slow" health check. Use as `@SHARED_MACHINE` above `@given`.

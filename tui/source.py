@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from mesh.ops import AgentClient, AgentError, AgentUnreachable
+from helexa.mesh.cli.ops import AgentClient, AgentError, AgentUnreachable
 
 from .fleet import (
     CatalogueView,

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from catalogue.entry import ModelEntry
-from engine.base import ModelId
-from engine.fake import FakeEngine
-from mesh.metrics import Metrics
-from mesh.neuron import Neuron, NeuronTiming, static_devices
-from mesh.records import DeviceRecord
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import ModelId
+from helexa.engine.fake import FakeEngine
+from helexa.mesh.fleet.records import DeviceRecord
+from helexa.mesh.metrics import Metrics
+from helexa.mesh.routing.neuron import Neuron, NeuronTiming, static_devices
 
 # Short timings so back-offs and keep-alives pass in milliseconds.
 FAST = NeuronTiming(

@@ -10,10 +10,10 @@ import pytest
 from aiohttp import ClientSession, web
 from pytest_aiohttp import AiohttpServer
 
-from engine.base import ModelId
-from engine.fake import FakeEngine
-from mesh.agent import AGENT, build_app
-from mesh.config import load_config
+from helexa.engine.base import ModelId
+from helexa.engine.fake import FakeEngine
+from helexa.mesh.agent import AGENT, build_app
+from helexa.mesh.config import load_config
 
 from .conftest import FAST, entry
 

@@ -20,7 +20,7 @@ async def _start_agent(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.P
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mesh.cli",
+        "helexa.mesh.cli",
         "agent",
         "--host",
         "127.0.0.1",
@@ -77,7 +77,7 @@ async def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mesh.cli",
+        "helexa.mesh.cli",
         "agent",
         env=env,
         stdout=asyncio.subprocess.PIPE,

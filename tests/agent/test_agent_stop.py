@@ -11,12 +11,12 @@ import aiohttp
 import openai
 import pytest
 
-from engine.fake import FakeEngine
-from mesh import agent as agent_module
-from mesh.agent import RunningAgent, start_agent
-from mesh.config import load_config
-from mesh.hardware import Hardware, HardwareSnapshot
-from mesh.records import DeviceRecord
+from helexa.engine.fake import FakeEngine
+from helexa.mesh import agent as agent_module
+from helexa.mesh.agent import RunningAgent, start_agent
+from helexa.mesh.config import load_config
+from helexa.mesh.fleet.records import DeviceRecord
+from helexa.mesh.hardware import Hardware, HardwareSnapshot
 
 from .conftest import FAST, entry
 

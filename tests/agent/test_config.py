@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import DEFAULT_PORT, ConfigError, load_config
+from helexa.mesh.config import DEFAULT_PORT, ConfigError, load_config
 
 
 def _write(path: Path, text: str) -> Path:

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from engine.base import ModelId
-from mesh import errors
-from mesh.cortex import CatalogueView, MeshCortex
-from mesh.fleet import Fleet
-from mesh.records import DeviceRecord, ModelRecord, ModelStatus, NodeId, NodeRecord
-from mesh.routing import RemoteDecision
+from helexa.engine.base import ModelId
+from helexa.mesh import errors
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, ModelStatus, NodeId, NodeRecord
+from helexa.mesh.fleet.view import Fleet
+from helexa.mesh.routing.cortex import CatalogueView, MeshCortex
+from helexa.mesh.routing.decisions import RemoteDecision
 
 from .conftest import Rig, entry
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from catalogue.validate import builtin_path
-from mesh.agent import AGENT, build_app
-from mesh.config import load_config
+from helexa.catalogue.validate import builtin_path
+from helexa.mesh.agent import AGENT, build_app
+from helexa.mesh.config import load_config
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ async def test_chat_with_the_demo_model_through_the_default_catalogue(aiohttp_se
 
 @pytest.mark.slow
 async def test_real_engine_with_a_tiny_model_from_a_catalogue_file(aiohttp_server, tmp_path: Path) -> None:
-    from engine.testing import build_tiny_model
+    from helexa.engine.testing import build_tiny_model
 
     etc = tmp_path / "etc"
     build_tiny_model(etc / "models" / "tiny")

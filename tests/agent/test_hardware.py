@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from mesh.hardware import Hardware
+from helexa.mesh.hardware import Hardware
 
 
 class _NoDriver:
@@ -20,7 +20,7 @@ class _NoDriver:
 
 
 def test_no_driver_gives_one_cpu_device(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="mesh.hardware")
+    caplog.set_level(logging.INFO, logger="helexa.mesh.hardware")
     hw = Hardware(nvml=_NoDriver())
     snap = hw.probe()
     assert not snap.gpu_available

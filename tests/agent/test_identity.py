@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mesh.identity import load_identity, load_node_id
+from helexa.mesh.identity import load_identity, load_node_id
 
 
 def test_node_id_stable_and_generation_grows(tmp_path: Path) -> None:

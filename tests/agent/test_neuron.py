@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from engine.base import Delta, Final, GenerationRequest, ModelId, RequestId
-from engine.errors import EngineFault
-from mesh import errors
-from mesh.neuron import NeuronEvent
+from helexa.engine.base import Delta, Final, GenerationRequest, ModelId, RequestId
+from helexa.engine.errors import EngineFault
+from helexa.mesh import errors
+from helexa.mesh.routing.neuron import NeuronEvent
 
 from .conftest import Rig, entry
 

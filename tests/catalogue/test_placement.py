@@ -7,8 +7,8 @@ import dataclasses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalogue.entry import ModelEntry
-from catalogue.placement import (
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.placement import (
     _rendezvous,
     devices_fitting_now,
     eviction_plan,
@@ -17,8 +17,8 @@ from catalogue.placement import (
     infeasible_reason,
     place,
 )
-from engine.base import ModelId
-from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
 from tests.strategies import (
     NODE_IDS,
     SHARED_MACHINE,

@@ -13,9 +13,9 @@ import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalogue import store
-from catalogue.entry import ModelEntry
-from catalogue.store import (
+from helexa.catalogue import store
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.store import (
     Catalogue,
     CatalogueEditError,
     InvalidEntryError,
@@ -29,7 +29,7 @@ from catalogue.store import (
     remove_entry,
     update_entry,
 )
-from catalogue.validate import FIELDS
+from helexa.catalogue.validate import FIELDS
 from tests.strategies import SHARED_MACHINE, model_entries, model_names
 
 COMMENTED = """\
@@ -106,7 +106,7 @@ def test_relative_sources_resolve_against_the_file_not_the_working_directory(tmp
 
 
 def test_default_catalogue_lists_the_demo_model() -> None:
-    import catalogue
+    from helexa import catalogue
 
     catalogue_obj = store.parse_catalogue_text(default_catalogue_text(), file="models.toml", base_dir=None)
     assert catalogue_obj.errors == ()

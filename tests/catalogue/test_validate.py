@@ -9,9 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catalogue.durations import format_keep_alive, parse_keep_alive
-from catalogue.entry import DEFAULT_KEEP_ALIVE_S
-from catalogue.validate import FIELDS, Problem, builtin_path, check_name, parse_entry, validate_catalogue
+from helexa.catalogue.durations import format_keep_alive, parse_keep_alive
+from helexa.catalogue.entry import DEFAULT_KEEP_ALIVE_S
+from helexa.catalogue.validate import (
+    FIELDS,
+    Problem,
+    builtin_path,
+    check_name,
+    parse_entry,
+    validate_catalogue,
+)
 from tests.strategies import SHARED_MACHINE, fuzzed_entry_tables, keep_alive_values, valid_entry_tables
 
 
@@ -168,7 +175,7 @@ def test_relative_local_source_resolves_against_the_catalogue_folder(tmp_path: P
 
 
 def test_builtin_source_resolves_inside_the_installed_package() -> None:
-    import catalogue
+    from helexa import catalogue
 
     package_dir = Path(catalogue.__file__).parent
     assert builtin_path("demo") == package_dir / "demo"

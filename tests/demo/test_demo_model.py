@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import catalogue
+from helexa import catalogue
 
 DEMO_DIR = Path(catalogue.__file__).resolve().parent / "demo"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from catalogue.entry import ModelEntry
-from engine.fake import FakeEngine
-from mesh.agent import RunningAgent, start_agent
-from mesh.appkeys import KEEPALIVE_INTERVAL_S
-from mesh.config import load_config
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.fake import FakeEngine
+from helexa.mesh.agent import RunningAgent, start_agent
+from helexa.mesh.config import load_config
+from helexa.mesh.server.appkeys import KEEPALIVE_INTERVAL_S
 
 from ..agent.conftest import FAST
 from ..fleet.conftest import OPTIONS, StaticHardware, eventually

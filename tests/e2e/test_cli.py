@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.base import ModelId
+from helexa.engine.base import ModelId
 
 from .conftest import CATALOGUE_TOML, Agents, E2EAgent, eventually, free_port
 

@@ -12,12 +12,12 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from engine.base import ModelId
-from tui.app import HelexaApp
-from tui.fleet import ConnectionStatus, FleetEvent, FleetState
-from tui.screens import ConfirmScreen, LoadScreen, PinScreen
-from tui.source import FleetSink, HttpFleetSource, OperatorError
-from tui.widgets import CatalogueTable, DiffTable, EventLog, StatusBar, TopologyTable
+from helexa.engine.base import ModelId
+from helexa.tui.app import HelexaApp
+from helexa.tui.fleet import ConnectionStatus, FleetEvent, FleetState
+from helexa.tui.screens import ConfirmScreen, LoadScreen, PinScreen
+from helexa.tui.source import FleetSink, HttpFleetSource, OperatorError
+from helexa.tui.widgets import CatalogueTable, DiffTable, EventLog, StatusBar, TopologyTable
 
 from .conftest import CATALOGUE_TOML, Agents
 

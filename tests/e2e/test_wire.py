@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from engine.base import ModelId
-from mesh.codec import state_to_json
-from mesh.events import Event
-from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
-from tui.fleet import parse_event, parse_state
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.codec import state_to_json
+from helexa.mesh.fleet.events import Event
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
+from helexa.tui.fleet import parse_event, parse_state
 
 
 def test_agent_event_reads_with_node_name_time_and_details() -> None:

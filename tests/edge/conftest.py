@@ -20,8 +20,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from catalogue.entry import ModelEntry
-from engine.base import (
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import (
     GenerationEvent,
     GenerationRequest,
     LoadedModel,
@@ -30,13 +30,13 @@ from engine.base import (
     ModelId,
     RequestId,
 )
-from engine.fake import FakeEngine, FakeModel, FakeScript
-from mesh import appkeys
-from mesh.errors import ModelNotFound, ModelUnavailable
-from mesh.metrics import Metrics
-from mesh.records import NodeId, NodeRecord
-from mesh.routing import Location, ModelListing, RemoteDecision
-from mesh.server import add_openai_routes, error_middleware
+from helexa.engine.fake import FakeEngine, FakeModel, FakeScript
+from helexa.mesh.errors import ModelNotFound, ModelUnavailable
+from helexa.mesh.fleet.records import NodeId, NodeRecord
+from helexa.mesh.metrics import Metrics
+from helexa.mesh.routing.decisions import Location, ModelListing, RemoteDecision
+from helexa.mesh.server import appkeys
+from helexa.mesh.server.openai_routes import add_openai_routes, error_middleware
 
 # Keep-alive interval for tests: short, so a "slow" acquire of a few ticks costs well under a second.
 TEST_KEEPALIVE_S = 0.05

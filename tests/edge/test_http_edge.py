@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh import appkeys
-from mesh.records import NodeId, NodeRecord
-from mesh.routing import RemoteDecision
-from mesh.server import FORWARDED_HEADER
+from helexa.mesh.fleet.records import NodeId, NodeRecord
+from helexa.mesh.routing.decisions import RemoteDecision
+from helexa.mesh.server import appkeys
+from helexa.mesh.server.openai_routes import FORWARDED_HEADER
 
 from .conftest import DEFAULT_TOKENS, TEST_KEEPALIVE_S, TEST_MAX_BODY_BYTES, Edge, wait_for
 
@@ -354,7 +354,7 @@ async def test_metrics_after_traffic(session: aiohttp.ClientSession, edge: Edge)
 
 
 async def test_two_metrics_objects_coexist() -> None:
-    from mesh.metrics import Metrics
+    from helexa.mesh.metrics import Metrics
 
     a, b = Metrics(node="a"), Metrics(node="b")
     a.evicted(reason="idle")
@@ -363,7 +363,7 @@ async def test_two_metrics_objects_coexist() -> None:
 
 
 async def test_keepalive_interval_constant_is_one_second() -> None:
-    from mesh import sse
+    from helexa.mesh import sse
 
     assert sse.KEEPALIVE_INTERVAL_S == 1.0
     assert TEST_KEEPALIVE_S < sse.KEEPALIVE_INTERVAL_S

@@ -7,7 +7,7 @@ from typing import Any, cast
 import openai
 import pytest
 
-from mesh.errors import ModelUnavailable
+from helexa.mesh.errors import ModelUnavailable
 
 from .conftest import DEFAULT_TOKENS, Edge
 
@@ -275,7 +275,7 @@ async def test_mid_stream_failure_raises_in_the_sdk(edge: Edge) -> None:
 
 
 async def test_api_keys(make_edge) -> None:
-    from mesh import appkeys
+    from helexa.mesh.server import appkeys
 
     def configure(app):
         app[appkeys.API_KEYS] = ("k-one", "k-two")

@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.base import ModelId, Usage
-from mesh import protocol
-from mesh.errors import ModelUnavailable, error_envelope
-from mesh.records import NodeId
-from mesh.routing import Location, ModelListing
+from helexa.engine.base import ModelId, Usage
+from helexa.mesh.errors import ModelUnavailable, error_envelope
+from helexa.mesh.fleet.records import NodeId
+from helexa.mesh.routing.decisions import Location, ModelListing
+from helexa.mesh.server import openai_wire
 
 from .conftest import Edge
 
@@ -146,7 +146,7 @@ def validate(value: Any, schema: dict[str, Any], schemas: dict[str, Any], path: 
 def test_validator_catches_bad_shapes(schemas: dict[str, Any]) -> None:
     """The checker itself must be able to fail, or the tests below prove nothing."""
     good = orjson.loads(
-        protocol.chat_completion(
+        openai_wire.chat_completion(
             id="c",
             model="m",
             created=1,
@@ -192,7 +192,7 @@ def test_built_bodies_match_the_spec(schemas: dict[str, Any]) -> None:
     usage = Usage(prompt_tokens=3, completion_tokens=4)
     _check(
         orjson.loads(
-            protocol.text_completion(
+            openai_wire.text_completion(
                 id="c", model="m", created=1, text="", finish_reason="length", usage=usage
             )
         ),
@@ -200,10 +200,10 @@ def test_built_bodies_match_the_spec(schemas: dict[str, Any]) -> None:
         schemas,
     )
     for chunk in (
-        protocol.chat_chunk(id="c", model="m", created=1, content="", role=True),
-        protocol.chat_chunk(id="c", model="m", created=1, content="x"),
-        protocol.chat_chunk(id="c", model="m", created=1, finish_reason="stop"),
-        protocol.chat_usage_chunk(id="c", model="m", created=1, usage=usage),
+        openai_wire.chat_chunk(id="c", model="m", created=1, content="", role=True),
+        openai_wire.chat_chunk(id="c", model="m", created=1, content="x"),
+        openai_wire.chat_chunk(id="c", model="m", created=1, finish_reason="stop"),
+        openai_wire.chat_usage_chunk(id="c", model="m", created=1, usage=usage),
     ):
         _check(orjson.loads(chunk), "CreateChatCompletionStreamResponse", schemas)
     listing = ModelListing(
@@ -214,7 +214,7 @@ def test_built_bodies_match_the_spec(schemas: dict[str, Any]) -> None:
         feasible_on=("n",),
         locations=(Location(node=NodeId("i"), node_name="n", status="loaded", memory_mb=3, in_flight=0),),
     )
-    _check(orjson.loads(protocol.model_json(listing)), "Model", schemas)
+    _check(orjson.loads(openai_wire.model_json(listing)), "Model", schemas)
     _check(error_envelope(ModelUnavailable("x", reason="draining")), "ErrorResponse", schemas)
 
 

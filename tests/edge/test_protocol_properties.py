@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import errors as engine_errors
-from engine.base import SamplingParams
-from mesh import errors, protocol
-from mesh.errors import InvalidRequest
+from helexa.engine import errors as engine_errors
+from helexa.engine.base import SamplingParams
+from helexa.mesh import errors
+from helexa.mesh.errors import InvalidRequest
+from helexa.mesh.server import openai_wire
 
 from .conftest import Edge
 
@@ -72,7 +73,7 @@ bodies = st.one_of(
 @given(body=bodies)
 @settings(max_examples=150, deadline=None)
 def test_parsing_either_succeeds_or_raises_invalid_request(body: bytes) -> None:
-    for parse in (protocol.parse_chat_request, protocol.parse_completion_request):
+    for parse in (openai_wire.parse_chat_request, openai_wire.parse_completion_request):
         try:
             parse(body)
         except InvalidRequest as exc:
@@ -94,8 +95,8 @@ def test_parsing_either_succeeds_or_raises_invalid_request(body: bytes) -> None:
 def test_resolve_sampling_request_wins_then_defaults_then_base(
     temperature: float | None, top_k: int | None, max_tokens: int | None, defaults: dict[str, Any]
 ) -> None:
-    overrides = protocol.SamplingOverrides(temperature=temperature, top_k=top_k, max_tokens=max_tokens)
-    params = protocol.resolve_sampling(overrides, defaults)
+    overrides = openai_wire.SamplingOverrides(temperature=temperature, top_k=top_k, max_tokens=max_tokens)
+    params = openai_wire.resolve_sampling(overrides, defaults)
     base = SamplingParams()
 
     def expect(given_value: Any, name: str, fallback: Any) -> Any:
@@ -138,7 +139,7 @@ def test_parse_accepts_what_openai_accepts() -> None:
         "stream": False,
         "stream_options": {"include_usage": True},
     }
-    request = protocol.parse_chat_request(orjson.dumps(body))
+    request = openai_wire.parse_chat_request(orjson.dumps(body))
     assert [m.role for m in request.messages] == [
         "system", "system", "developer", "user", "assistant", "assistant", "tool",
     ]  # fmt: skip
@@ -146,7 +147,7 @@ def test_parse_accepts_what_openai_accepts() -> None:
     assert request.sampling.max_tokens == 9 and request.sampling.max_tokens_param == "max_completion_tokens"
     assert request.sampling.stop == ("x",) and request.sampling.top_k == 0 and request.sampling.seed == -1
     assert request.include_usage and not request.stream
-    completion = protocol.parse_completion_request(
+    completion = openai_wire.parse_completion_request(
         b'{"model": "m", "prompt": ["only one"], "max_tokens": 2.0}'
     )
     assert completion.prompt == "only one" and completion.sampling.max_tokens == 2

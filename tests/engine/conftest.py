@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.base import LoadSpec, ModelId
-from engine.testing import build_tiny_model
-from engine.transformers_engine import TransformersEngine, TransformersModel
+from helexa.engine.base import LoadSpec, ModelId
+from helexa.engine.testing import build_tiny_model
+from helexa.engine.transformers_engine import TransformersEngine, TransformersModel
 
 
 @pytest.fixture(scope="session")

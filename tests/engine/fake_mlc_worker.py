@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from engine.mlc_engine import WorkerRequestError, serve
+from helexa.engine.mlc_engine import WorkerRequestError, serve
 
 
 class FakeBackend:

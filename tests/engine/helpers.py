@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from engine.base import ChatMessage, Delta, Final, GenerationRequest, LoadedModel, RequestId, SamplingParams
+from helexa.engine.base import (
+    ChatMessage,
+    Delta,
+    Final,
+    GenerationRequest,
+    LoadedModel,
+    RequestId,
+    SamplingParams,
+)
 
 
 def user_request(text: str = "hi there", rid: str = "r", **sampling: object) -> GenerationRequest:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.base import (
+from helexa.engine.base import (
     Delta,
     Engine,
     LoadedModel,
@@ -18,10 +18,10 @@ from engine.base import (
     ModelId,
     RequestId,
 )
-from engine.errors import ContextLengthExceeded, EngineFault, ModelSourceError, TransientLoadError
-from engine.fake import FakeEngine, FakeScript
-from engine.registry import choose_engine, create_engine, is_mlc_source
-from engine.textstream import StopStringMatcher
+from helexa.engine.errors import ContextLengthExceeded, EngineFault, ModelSourceError, TransientLoadError
+from helexa.engine.fake import FakeEngine, FakeScript
+from helexa.engine.registry import choose_engine, create_engine, is_mlc_source
+from helexa.engine.textstream import StopStringMatcher
 
 from .helpers import collect, user_request
 

@@ -7,16 +7,16 @@ import os
 
 import pytest
 
-from engine.base import (
+from helexa.engine.base import (
     Delta,
     LoadedModel,
     LoadSpec,
     ModelId,
     RequestId,
 )
-from engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
-from engine.mlc_engine import MLCEngine, MLCModel
-from engine.registry import mlc_available
+from helexa.engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
+from helexa.engine.mlc_engine import MLCEngine, MLCModel
+from helexa.engine.registry import mlc_available
 
 from .helpers import collect, user_request
 

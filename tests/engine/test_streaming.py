@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams, Usage
-from engine.errors import ContextLengthExceeded, EngineError, EngineFault, RequestError
-from engine.streaming import (
+from helexa.engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams, Usage
+from helexa.engine.errors import ContextLengthExceeded, EngineError, EngineFault, RequestError
+from helexa.engine.streaming import (
     EventChannel,
     InFlight,
     check_context,

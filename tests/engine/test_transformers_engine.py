@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from engine.base import (
+from helexa.engine.base import (
     Delta,
     Final,
     GenerationRequest,
@@ -21,7 +21,7 @@ from engine.base import (
     RequestId,
     SamplingParams,
 )
-from engine.errors import (
+from helexa.engine.errors import (
     ContextLengthExceeded,
     EngineError,
     EngineFault,
@@ -30,7 +30,7 @@ from engine.errors import (
     RequestError,
     TransientLoadError,
 )
-from engine.transformers_engine import TransformersEngine, TransformersModel, _Detokenizer
+from helexa.engine.transformers_engine import TransformersEngine, TransformersModel, _Detokenizer
 
 from .conftest import load_sync
 from .helpers import collect, collect_deltas, user_request
@@ -414,8 +414,8 @@ def test_detokenizer_never_splits_multibyte_characters(tiny_model: TransformersM
 
 def test_importing_engines_does_not_import_torch() -> None:
     code = (
-        "import sys, engine, engine.transformers_engine, engine.fake, engine.registry, engine.mlc_engine, "
-        "engine.testing\n"
+        "import sys, helexa.engine, helexa.engine.transformers_engine, helexa.engine.fake, "
+        "helexa.engine.registry, helexa.engine.mlc_engine, helexa.engine.testing\n"
         "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'mlc_llm') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -13,16 +13,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from catalogue.entry import ModelEntry
-from engine.base import ModelId
-from engine.fake import FakeEngine
-from mesh.agent import RunningAgent, start_agent
-from mesh.appkeys import KEEPALIVE_INTERVAL_S
-from mesh.config import load_config
-from mesh.hardware import Hardware, HardwareSnapshot
-from mesh.records import DeviceRecord
-from mesh.runtime import MeshOptions
-from mesh.timing import DEFAULT_TIMING
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import ModelId
+from helexa.engine.fake import FakeEngine
+from helexa.mesh.agent import RunningAgent, start_agent
+from helexa.mesh.config import load_config
+from helexa.mesh.fleet.records import DeviceRecord
+from helexa.mesh.hardware import Hardware, HardwareSnapshot
+from helexa.mesh.peering import MeshOptions
+from helexa.mesh.server.appkeys import KEEPALIVE_INTERVAL_S
+from helexa.mesh.timing import DEFAULT_TIMING
 
 from ..agent.conftest import FAST, entry
 

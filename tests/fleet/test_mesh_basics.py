@@ -6,7 +6,7 @@ import asyncio
 
 import openai
 
-from mesh.records import ModelRecord
+from helexa.mesh.fleet.records import ModelRecord
 
 from .conftest import Fleet, Member, entry, eventually
 

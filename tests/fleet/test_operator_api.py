@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from mesh.runtime import MeshOptions
+from helexa.mesh.peering import MeshOptions
 
 from .conftest import OPTIONS, Fleet, Member, entry, eventually
 
@@ -133,7 +133,7 @@ async def test_catalogue_add_on_one_agent_is_visible_on_another(fleet: Fleet, tm
 
 def _file_entry(path: Path, entry_id: str) -> tuple[int, tuple[str, ...]] | None:
     """(version, aliases) of `entry_id` in the catalogue file, or None."""
-    from catalogue.store import load_catalogue
+    from helexa.catalogue.store import load_catalogue
 
     found = [e for e in load_catalogue(path).entries if e.id == entry_id]
     return (found[0].version, found[0].aliases) if found else None

@@ -1,7 +1,7 @@
 """A lab of N hosts on one LAN: network namespaces joined by a bridge (needs root and iproute2).
 
     with NetnsLab(3) as lab:              # 10.77.0.1 .. 10.77.0.3 on one bridge
-        proc = lab.popen(0, [sys.executable, "-m", "mesh.cli", "agent"])
+        proc = lab.popen(0, [sys.executable, "-m", "helexa.mesh.cli", "agent"])
         lab.cut(1); ...; lab.heal(1)      # link down / up on node 1's bridge port
         lab.exec(2, ["ip", "addr"])
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from engine.base import ModelId
-from mesh.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
 
 _text = st.text(max_size=20)
 _count = st.integers(min_value=0, max_value=2**40)

@@ -9,7 +9,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mesh.auth import AuthError, MeshAuth, NonceCache, client_middleware, new_key, peer_auth_middleware
+from helexa.mesh.gossip.auth import (
+    AuthError,
+    MeshAuth,
+    NonceCache,
+    client_middleware,
+    new_key,
+    peer_auth_middleware,
+)
 
 
 class Wall:
@@ -114,7 +121,7 @@ async def test_middleware_and_client_signer_over_http(caplog):
         ):
             assert r.status == 200 and await r.read() == b"pong:hi"
             auth.verify_response(r.request_info.headers["X-Helexa-Nonce"], 200, b"pong:hi", r.headers)
-        caplog.set_level(logging.DEBUG, logger="mesh.auth")
+        caplog.set_level(logging.DEBUG, logger="helexa.mesh.gossip.auth")
         async with aiohttp.ClientSession() as plain:
             for _ in range(3):
                 async with plain.post(server.make_url("/mesh/peer/ping"), data=b"hi") as r:
@@ -122,7 +129,7 @@ async def test_middleware_and_client_signer_over_http(caplog):
                     assert (await r.json())["error"]["code"] == "mesh_auth"
             async with plain.get(server.make_url("/open")) as r:
                 assert r.status == 200  # only /mesh/peer/* is guarded
-        levels = [rec.levelno for rec in caplog.records if rec.name == "mesh.auth"]
+        levels = [rec.levelno for rec in caplog.records if rec.name == "helexa.mesh.gossip.auth"]
         assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]  # logged once, then quietly
     finally:
         await server.close()

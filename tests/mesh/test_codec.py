@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.codec import (
+from helexa.mesh.fleet.codec import (
     CodecError,
     decode_ints,
     decode_json,
@@ -20,7 +20,7 @@ from mesh.codec import (
     node_to_dict,
     state_to_json,
 )
-from mesh.records import NodeId
+from helexa.mesh.fleet.records import NodeId
 
 from .strategies import json_garbage, node_records
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from mesh.discovery import Discovery, GpuSummary, PeerHint, build_txt, txt_size
+from helexa.mesh.discovery import Discovery, GpuSummary, PeerHint, build_txt, txt_size
 
 
 def _unique_type() -> str:

@@ -10,10 +10,10 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from engine.base import ModelId
-from mesh.events import Event, EventBus, membership_event, record_events, sse_handler
-from mesh.membership import MembershipEvent
-from mesh.records import ModelRecord, NodeId, NodeRecord
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.events import Event, EventBus, membership_event, record_events, sse_handler
+from helexa.mesh.fleet.membership import MembershipEvent
+from helexa.mesh.fleet.records import ModelRecord, NodeId, NodeRecord
 
 
 def _ev(i: int) -> Event:

@@ -15,13 +15,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from engine.base import ModelId
-from mesh.auth import MeshAuth, peer_auth_middleware
-from mesh.codec import encode_ints, node_to_dict
-from mesh.gossip import GOSSIP_PATH, Gossip, HttpTransport, InMemoryNetwork, PeerAddr, gossip_handler
-from mesh.merge import content_hash, members, membership_hash
-from mesh.records import ModelRecord, NodeId, NodeRecord
-from mesh.timing import MeshTiming
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.codec import encode_ints, node_to_dict
+from helexa.mesh.fleet.merge import content_hash, members, membership_hash
+from helexa.mesh.fleet.records import ModelRecord, NodeId, NodeRecord
+from helexa.mesh.gossip.auth import MeshAuth, peer_auth_middleware
+from helexa.mesh.gossip.exchange import (
+    GOSSIP_PATH,
+    Gossip,
+    HttpTransport,
+    InMemoryNetwork,
+    PeerAddr,
+    gossip_handler,
+)
+from helexa.mesh.timing import MeshTiming
 
 from .test_membership import FakeClock
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from catalogue.entry import ModelEntry
-from catalogue.store import entry_to_dict, load_catalogue
-from mesh.runtime import LocalCatalogue
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.store import entry_to_dict, load_catalogue
+from helexa.mesh.peering import LocalCatalogue
 
 HAND_WRITTEN = """\
 # Our models.

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from mesh.membership import FailureDetector, MembershipEvent
-from mesh.records import NodeId, NodeRecord
-from mesh.timing import MeshTiming
+from helexa.mesh.fleet.membership import FailureDetector, MembershipEvent
+from helexa.mesh.fleet.records import NodeId, NodeRecord
+from helexa.mesh.timing import MeshTiming
 
 
 class FakeClock:
@@ -182,7 +182,7 @@ def test_self_is_always_alive_and_never_tracked():
 def test_transitions_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
     """Joins, deaths and leaves are the runtime's to report (`mesh.runtime.PeerStateLog`, once, with
     quieting); the detector's own line about them is debug, so operators never read each twice."""
-    caplog.set_level(logging.DEBUG, logger="mesh.membership")
+    caplog.set_level(logging.DEBUG, logger="helexa.mesh.fleet.membership")
     clock, det, events = _setup()
     det.observe(_rec(hb=1), direct=True)  # joined
     _advance(clock, det, 8)  # suspect, then dead
@@ -190,6 +190,6 @@ def test_transitions_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) 
     det.observe(dataclasses.replace(_rec(hb=3), left=True, version=2))  # left
     det.observe(_rec(hb=0, gen=2))  # restarted
     assert [e.current for e in events] == ["alive", "suspect", "dead", "alive", "left", "alive"]
-    lines = [r for r in caplog.records if r.name == "mesh.membership"]
+    lines = [r for r in caplog.records if r.name == "helexa.mesh.fleet.membership"]
     assert len(lines) == len(events)  # still there for debugging
     assert all(r.levelno == logging.DEBUG for r in lines), [(r.levelname, r.getMessage()) for r in lines]

@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.merge import (
+from helexa.mesh.fleet.merge import (
     apply_heartbeats,
     content_hash,
     diff,
@@ -19,7 +19,7 @@ from mesh.merge import (
     newer,
     order_key,
 )
-from mesh.records import NodeId, NodeRecord
+from helexa.mesh.fleet.records import NodeId, NodeRecord
 
 from .strategies import node_records, views
 

@@ -43,7 +43,7 @@ for _ in range(20):
 
 _MDNS = r"""
 import asyncio, sys
-from mesh.discovery import Discovery
+from helexa.mesh.discovery import Discovery
 addr, node, stype, want = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 async def main():
     seen = asyncio.Event()

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mesh.auth import MeshAuth, peer_auth_middleware
-from mesh.gossip import PeerAddr
-from mesh.proxy import PeerFailed, PeerRefused, PeerUnreachable, ProxyError, forward
+from helexa.mesh.gossip.auth import MeshAuth, peer_auth_middleware
+from helexa.mesh.gossip.exchange import PeerAddr
+from helexa.mesh.routing.proxy import PeerFailed, PeerRefused, PeerUnreachable, ProxyError, forward
 
 
 class FakePeer:

@@ -20,11 +20,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from mesh.agent import configure_logging
-from mesh.config import load_config
-from mesh.membership import MembershipEvent
-from mesh.records import Liveness, NodeId
-from mesh.runtime import PeerStateLog
+from helexa.mesh.agent import configure_logging
+from helexa.mesh.config import load_config
+from helexa.mesh.fleet.membership import MembershipEvent
+from helexa.mesh.fleet.records import Liveness, NodeId
+from helexa.mesh.peering import PeerStateLog
 
 from ..agent.conftest import entry
 from ..fleet.conftest import eventually
@@ -55,7 +55,7 @@ async def test_request_lines_eviction_and_peer_warnings_on_real_agents(
         stream = await client.chat.completions.create(model="org/one", messages=hi, stream=True)
         assert "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
 
-    lines = _messages(caplog, "mesh.server", logging.INFO)
+    lines = _messages(caplog, "helexa.mesh.server.openai_routes", logging.INFO)
     entry_lines = [m for m in lines if "route=forwarded" in m]
     serving_lines = [m for m in lines if "source=peer" in m]
     assert len(entry_lines) == 2 and len(serving_lines) == 2, lines
@@ -77,7 +77,9 @@ async def test_request_lines_eviction_and_peer_warnings_on_real_agents(
         f"{b.url}/v1/chat/completions", json={"model": "org/two", "messages": hi}
     ) as resp:
         assert resp.status == 200
-    (evicted,) = [m for m in _messages(caplog, "mesh.neuron", logging.WARNING) if "evicting" in m]
+    (evicted,) = [
+        m for m in _messages(caplog, "helexa.mesh.routing.neuron", logging.WARNING) if "evicting" in m
+    ]
     assert "org/one" in evicted and "org/two" in evicted
 
     # Peer state changes are warnings: c dies (suspect, then dead), b leaves.
@@ -89,11 +91,11 @@ async def test_request_lines_eviction_and_peer_warnings_on_real_agents(
     await eventually(
         lambda: a.agent.mesh.gossip.liveness(b.agent.identity.node_id) == "left", what="a to see b leave"
     )
-    warnings = _messages(caplog, "mesh.runtime", logging.WARNING)
+    warnings = _messages(caplog, "helexa.mesh.peering", logging.WARNING)
     assert any(m.startswith("peer c (") and "is suspect" in m for m in warnings), warnings
     assert any(m.startswith("peer c (") and "is dead" in m for m in warnings), warnings
     assert any(m.startswith("peer b (") and "left the mesh" in m for m in warnings), warnings
-    joins = _messages(caplog, "mesh.runtime", logging.INFO)
+    joins = _messages(caplog, "helexa.mesh.peering", logging.INFO)
     assert any(m.startswith("peer b (") and "joined" in m for m in joins), joins
 
 
@@ -109,7 +111,7 @@ def _event(previous: Liveness | None, current: Liveness, *, restarted: bool = Fa
 
 
 def test_a_flapping_peer_is_warned_about_once_then_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="mesh.runtime")
+    caplog.set_level(logging.DEBUG, logger="helexa.mesh.peering")
     now = [1000.0]
     peers = PeerStateLog(quiet_s=300.0, clock=lambda: now[0])
     sequence: list[tuple[Liveness | None, Liveness]] = [
@@ -124,7 +126,7 @@ def test_a_flapping_peer_is_warned_about_once_then_logged_at_debug(caplog: pytes
     for previous, current in sequence:
         now[0] += 2.0
         peers.log(_event(previous, current))
-    levels = [r.levelno for r in caplog.records if r.name == "mesh.runtime"]
+    levels = [r.levelno for r in caplog.records if r.name == "helexa.mesh.peering"]
     assert levels == [
         logging.INFO,
         logging.WARNING,
@@ -236,7 +238,7 @@ async def _run_agent(tmp_path: Path, *args: str, env: dict[str, str]) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mesh.cli",
+        "helexa.mesh.cli",
         "agent",
         "--host",
         "127.0.0.1",

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from mesh import metrics as m
+from helexa.mesh import metrics as m
 
 from ..agent.conftest import entry
 from ..fleet.conftest import eventually

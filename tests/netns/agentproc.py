@@ -4,7 +4,7 @@ shutdown test (`tests/shutdown`) and `scripts/bench_mesh.py`.
 Only the public surface is used: the command line (`helexa agent --name ... --peer ...`), `/healthz`,
 `GET /mesh/state` (shape in `mesh.records`), `/metrics` and the OpenAI routes. Nothing here imports the
 agent, so these checks hold for an installed package too: `HELEXA_TEST_AGENT_CMD` (a shell-quoted command
-prefix, default `<this python> -m mesh.cli`) runs another `helexa` binary.
+prefix, default `<this python> -m helexa.mesh.cli`) runs another `helexa` binary.
 
 Each agent gets a scrubbed environment (no `HELEXA_*` from the caller, `HOME` inside its state folder) and
 its stderr (the agent logs there) goes to `<state dir>.log`, so a failure message can show the log tail
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 def agent_command() -> list[str]:
     """The command that runs `helexa` (without the `agent` subcommand)."""
     custom = os.environ.get("HELEXA_TEST_AGENT_CMD")
-    return shlex.split(custom) if custom else [sys.executable, "-m", "mesh.cli"]
+    return shlex.split(custom) if custom else [sys.executable, "-m", "helexa.mesh.cli"]
 
 
 def agent_argv(

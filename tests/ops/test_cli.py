@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from mesh import ops
+from helexa.mesh.cli import ops
 
 from .fake_agent import CALLS, STATE, make_agent
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_PORT, FILE_KEYS, AgentConfig, load_config
+from helexa.mesh.config import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_PORT, FILE_KEYS, AgentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
@@ -216,7 +216,7 @@ def test_example_config_documents_every_key_with_a_valid_value(tmp_path: Path) -
 
 
 def test_models_example_is_a_valid_catalogue_that_explains_every_field(tmp_path: Path) -> None:
-    from catalogue.validate import FIELDS, validate_catalogue
+    from helexa.catalogue.validate import FIELDS, validate_catalogue
 
     text = MODELS_EXAMPLE.read_text()
     live = tomllib.loads(text)

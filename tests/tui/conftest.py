@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC
 
-from tui.app import HelexaApp
-from tui.source import FIXED_CLOCK_S, FakeFleetSource
-from tui.widgets import DiffTable
+from helexa.tui.app import HelexaApp
+from helexa.tui.source import FIXED_CLOCK_S, FakeFleetSource
+from helexa.tui.widgets import DiffTable
 
 
 def make_app(fake: FakeFleetSource) -> HelexaApp:

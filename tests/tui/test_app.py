@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tui.fleet import ConnectionStatus
-from tui.messages import ConnectionChanged
-from tui.screens import ConfirmScreen, LoadScreen, PinScreen
-from tui.source import FakeFleetSource, OperatorCall
-from tui.widgets import CatalogueTable, EventLog, StatusBar, TopologyTable
+from helexa.tui.fleet import ConnectionStatus
+from helexa.tui.messages import ConnectionChanged
+from helexa.tui.screens import ConfirmScreen, LoadScreen, PinScreen
+from helexa.tui.source import FakeFleetSource, OperatorCall
+from helexa.tui.widgets import CatalogueTable, EventLog, StatusBar, TopologyTable
 
 from .conftest import make_app, select
 

@@ -17,8 +17,8 @@ from textual.containers import Horizontal
 from textual.geometry import Region
 from textual.widgets import DataTable
 
-from tui.rows import Cells, Column, Row
-from tui.widgets import DiffTable
+from helexa.tui.rows import Cells, Column, Row
+from helexa.tui.widgets import DiffTable
 
 ROWS = 60
 SIZE = (100, 14)  # about ten data rows on screen: most of the table is off screen

@@ -8,11 +8,11 @@ from datetime import UTC
 
 import orjson
 
-from tui.app import HelexaApp
-from tui.fake_agent import fake_agent_app
-from tui.fleet import parse_state
-from tui.source import FIXED_CLOCK_S, FakeFleetSource, HttpFleetSource
-from tui.widgets import EventLog, StatusBar, TopologyTable
+from helexa.tui.app import HelexaApp
+from helexa.tui.fake_agent import fake_agent_app
+from helexa.tui.fleet import parse_state
+from helexa.tui.source import FIXED_CLOCK_S, FakeFleetSource, HttpFleetSource
+from helexa.tui.widgets import EventLog, StatusBar, TopologyTable
 
 
 async def test_wire_state_parses_back_to_the_snapshot() -> None:

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from helexa.tui.fleet import ConnectionStatus, FleetEvent, FleetState
+from helexa.tui.source import HttpFleetSource, OperatorError, backoff_s
 from tests.ops.fake_agent import CALLS, make_agent
-from tui.fleet import ConnectionStatus, FleetEvent, FleetState
-from tui.source import HttpFleetSource, OperatorError, backoff_s
 
 
 class Sink:

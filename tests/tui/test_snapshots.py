@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from textual.pilot import Pilot
 
-from tui.source import FakeFleetSource
+from helexa.tui.source import FakeFleetSource
 
 from .conftest import make_app
 

@@ -61,8 +61,7 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-from .auth import NONCE_HEADER, MeshAuth
-from .codec import (
+from helexa.mesh.fleet.codec import (
     CodecError,
     decode_ints,
     decode_json,
@@ -71,8 +70,8 @@ from .codec import (
     node_from_dict,
     node_to_dict,
 )
-from .membership import FailureDetector, MembershipEvent
-from .merge import (
+from helexa.mesh.fleet.membership import FailureDetector, MembershipEvent
+from helexa.mesh.fleet.merge import (
     DigestEntry,
     apply_heartbeats,
     content_hash,
@@ -83,8 +82,9 @@ from .merge import (
     mesh_catalogue,
     order_key,
 )
-from .records import Liveness, NodeId, NodeRecord
-from .timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, MeshTiming
+from helexa.mesh.fleet.records import Liveness, NodeId, NodeRecord
+from helexa.mesh.gossip.auth import NONCE_HEADER, MeshAuth
+from helexa.mesh.timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, MeshTiming
 
 log = logging.getLogger(__name__)
 

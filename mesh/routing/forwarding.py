@@ -31,17 +31,17 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from . import errors
-from .fleet import Fleet
-from .gossip import PeerAddr
-from .neuron import REFUSAL_CODES
-from .proxy import PeerFailed, PeerRefused, PeerUnreachable, forward
-from .records import NodeRecord
-from .routing import Cortex, RemoteDecision
-from .timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
+from helexa.mesh import errors
+from helexa.mesh.fleet.records import NodeRecord
+from helexa.mesh.fleet.view import Fleet
+from helexa.mesh.gossip.exchange import PeerAddr
+from helexa.mesh.routing.decisions import Cortex, RemoteDecision
+from helexa.mesh.routing.neuron import REFUSAL_CODES
+from helexa.mesh.routing.proxy import PeerFailed, PeerRefused, PeerUnreachable, forward
+from helexa.mesh.timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from .runtime import MeshRuntime
+    from helexa.mesh.peering import MeshRuntime
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .records import Liveness, NodeId, NodeRecord
-from .timing import DEFAULT_TIMING, MeshTiming
+from helexa.mesh.fleet.records import Liveness, NodeId, NodeRecord
+from helexa.mesh.timing import DEFAULT_TIMING, MeshTiming
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
 from aiohttp.typedefs import Middleware
 
-from .timing import AUTH_MAX_SKEW_S, NONCE_CACHE_SIZE
+from helexa.mesh.timing import AUTH_MAX_SKEW_S, NONCE_CACHE_SIZE
 
 log = logging.getLogger(__name__)
 

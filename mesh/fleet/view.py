@@ -38,8 +38,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .hardware import SIGNIFICANT_CHANGE_MB
-from .records import DeviceRecord, Liveness, ModelRecord, NodeId, NodeRecord
+from helexa.mesh.fleet.records import DeviceRecord, Liveness, ModelRecord, NodeId, NodeRecord
+from helexa.mesh.hardware import SIGNIFICANT_CHANGE_MB
 
 log = logging.getLogger(__name__)
 

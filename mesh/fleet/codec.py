@@ -24,9 +24,16 @@ from typing import Any, TypeVar, cast, get_args
 
 import orjson
 
-from engine.base import ModelId
-
-from .records import DeviceKind, DeviceRecord, Liveness, ModelRecord, ModelStatus, NodeId, NodeRecord
+from helexa.engine.base import ModelId
+from helexa.mesh.fleet.records import (
+    DeviceKind,
+    DeviceRecord,
+    Liveness,
+    ModelRecord,
+    ModelStatus,
+    NodeId,
+    NodeRecord,
+)
 
 __all__ = [
     "CodecError",

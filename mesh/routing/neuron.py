@@ -37,9 +37,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from catalogue import placement
-from catalogue.entry import ModelEntry
-from engine.base import (
+from helexa.catalogue import placement
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import (
     Engine,
     Final,
     GenerationEvent,
@@ -51,11 +51,10 @@ from engine.base import (
     ModelId,
     RequestId,
 )
-from engine.errors import EngineError, EngineFault, LoadError, ModelSourceError
-
-from . import errors
-from .metrics import Metrics
-from .records import DeviceRecord, ModelRecord, ModelStatus
+from helexa.engine.errors import EngineError, EngineFault, LoadError, ModelSourceError
+from helexa.mesh import errors
+from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, ModelStatus
+from helexa.mesh.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

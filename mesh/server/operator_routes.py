@@ -26,17 +26,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from catalogue import placement
-
-from . import errors
-from .codec import state_to_json
-from .events import sse_handler
-from .neuron import REFUSAL_CODES
-from .peer_api import LOAD_PATH, UNLOAD_PATH, PeerCallError, call_peer
-from .records import NodeRecord
+from helexa.catalogue import placement
+from helexa.mesh import errors
+from helexa.mesh.fleet.codec import state_to_json
+from helexa.mesh.fleet.events import sse_handler
+from helexa.mesh.fleet.records import NodeRecord
+from helexa.mesh.routing.neuron import REFUSAL_CODES
+from helexa.mesh.server.peer_routes import LOAD_PATH, UNLOAD_PATH, PeerCallError, call_peer
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from helexa.mesh.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ LOAD_DETAIL_MAX_CHARS = 500
 
 def state(agent: Agent) -> dict[str, object]:
     """The `/mesh/state` document from cached state."""
-    from .agent import AGENT_VERSION
+    from helexa.mesh.agent import AGENT_VERSION
 
     mesh = agent.mesh
     nodes = agent.fleet.routable_nodes()
@@ -231,7 +230,7 @@ def add_operator_routes(app: web.Application, agent: Agent) -> None:
 
     async def put_catalogue(request: web.Request) -> web.StreamResponse:
         _require_operator(agent, request)
-        from catalogue.store import CatalogueEditError, InvalidEntryError, entry_to_dict
+        from helexa.catalogue.store import CatalogueEditError, InvalidEntryError, entry_to_dict
 
         data = await _json_body(request)
         try:

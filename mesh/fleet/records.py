@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
-from engine.base import ModelId
+from helexa.engine.base import ModelId
 
 NodeId = NewType("NodeId", str)
 Liveness = Literal["alive", "suspect", "dead", "left"]

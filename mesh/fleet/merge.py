@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from .codec import node_to_dict
-from .records import NodeId, NodeRecord
+from helexa.mesh.fleet.codec import node_to_dict
+from helexa.mesh.fleet.records import NodeId, NodeRecord
 
 __all__ = [
     "Delta",

@@ -424,7 +424,7 @@ def _describe(result: Any, fallback: str) -> str:
 def new_key() -> str:
     """A new random mesh key (`mesh.auth.new_key` when the mesh provides one)."""
     try:
-        auth = importlib.import_module("mesh.auth")
+        auth = importlib.import_module("helexa.mesh.gossip.auth")
     except ImportError:
         auth = None
     maker: Callable[[], str] | None = getattr(auth, "new_key", None)

@@ -18,14 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "agent":
-        from .agent import main as agent_main
+        from helexa.mesh.agent import main as agent_main
 
         return agent_main(rest)
     if command == "tui":
-        from tui.app import main as tui_main
+        from helexa.tui.app import main as tui_main
 
         return tui_main(rest)
-    from .ops import main as ops_main
+    from helexa.mesh.cli.ops import main as ops_main
 
     return ops_main(args)
 

@@ -24,10 +24,10 @@ from typing import Literal
 
 from aiohttp import web
 
-from .codec import dumps
-from .membership import MembershipEvent
-from .records import NodeRecord
-from .timing import EVENT_HISTORY_SIZE, EVENT_KEEPALIVE_S, EVENT_QUEUE_SIZE
+from helexa.mesh.fleet.codec import dumps
+from helexa.mesh.fleet.membership import MembershipEvent
+from helexa.mesh.fleet.records import NodeRecord
+from helexa.mesh.timing import EVENT_HISTORY_SIZE, EVENT_KEEPALIVE_S, EVENT_QUEUE_SIZE
 
 log = logging.getLogger(__name__)
 

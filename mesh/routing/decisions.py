@@ -25,10 +25,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from catalogue.entry import ModelEntry
-from engine.base import LoadedModel, ModelId
-
-from .records import ModelStatus, NodeId, NodeRecord
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import LoadedModel, ModelId
+from helexa.mesh.fleet.records import ModelStatus, NodeId, NodeRecord
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -28,10 +28,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .auth import MeshAuth
-from .codec import dumps
-from .gossip import PeerAddr
-from .timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
+from helexa.mesh.fleet.codec import dumps
+from helexa.mesh.gossip.auth import MeshAuth
+from helexa.mesh.gossip.exchange import PeerAddr
+from helexa.mesh.timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Final, Literal
 import orjson
 from aiohttp import web
 
-from engine.base import (
+from helexa.engine.base import (
     ChatMessage,
     Delta,
     FinishReason,
@@ -43,23 +43,12 @@ from engine.base import (
     RequestId,
     SamplingParams,
 )
-from engine.base import (
+from helexa.engine.base import (
     Final as FinalEvent,
 )
-from engine.errors import EngineError
-
-from . import protocol, sse
-from .appkeys import (
-    API_KEYS,
-    CLIENT_AUTHORIZED,
-    CORTEX,
-    FORWARDER,
-    HEALTH,
-    KEEPALIVE_INTERVAL_S,
-    METRICS,
-    NODE_NAME,
-)
-from .errors import (
+from helexa.engine.errors import EngineError
+from helexa.mesh import sse
+from helexa.mesh.errors import (
     HelexaError,
     InternalError,
     InvalidRequest,
@@ -73,8 +62,19 @@ from .errors import (
     error_envelope,
     from_engine_error,
 )
-from .metrics import Route
-from .routing import LocalDecision, RemoteDecision
+from helexa.mesh.metrics import Route
+from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
+from helexa.mesh.server import openai_wire
+from helexa.mesh.server.appkeys import (
+    API_KEYS,
+    CLIENT_AUTHORIZED,
+    CORTEX,
+    FORWARDER,
+    HEALTH,
+    KEEPALIVE_INTERVAL_S,
+    METRICS,
+    NODE_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> bool:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     _authorize(request)
-    return _json(protocol.model_list_json(request.app[CORTEX].list_models()))
+    return _json(openai_wire.model_list_json(request.app[CORTEX].list_models()))
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
@@ -278,7 +278,7 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     listing = request.app[CORTEX].get_model(model_id)
     if listing is None:
         raise ModelNotFound(model_id)
-    return _json(protocol.model_json(listing))
+    return _json(openai_wire.model_json(listing))
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -291,7 +291,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    from .metrics import CONTENT_TYPE
+    from helexa.mesh.metrics import CONTENT_TYPE
 
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -306,7 +306,7 @@ class _Job:
 
     kind: Kind
     model: str
-    sampling: protocol.SamplingOverrides
+    sampling: openai_wire.SamplingOverrides
     stream: bool
     include_usage: bool
     prompt: str | None = None
@@ -395,7 +395,7 @@ def _record(request: web.Request, outcome: _Outcome) -> None:
 
 def _parse(kind: Kind, body: bytes) -> _Job:
     if kind == "chat":
-        chat = protocol.parse_chat_request(body)
+        chat = openai_wire.parse_chat_request(body)
         return _Job(
             kind=kind,
             model=chat.model,
@@ -404,7 +404,7 @@ def _parse(kind: Kind, body: bytes) -> _Job:
             include_usage=chat.include_usage,
             messages=chat.messages,
         )
-    completion = protocol.parse_completion_request(body)
+    completion = openai_wire.parse_completion_request(body)
     return _Job(
         kind=kind,
         model=completion.model,
@@ -421,7 +421,7 @@ def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: i
     A client asking for more tokens than the context holds gets a 400 naming its field; a catalogue
     default larger than the context becomes "until the context is full" (None), which is what it meant.
     """
-    params = protocol.resolve_sampling(job.sampling, defaults)
+    params = openai_wire.resolve_sampling(job.sampling, defaults)
     if context_length and params.max_tokens is not None and params.max_tokens > context_length:
         if job.sampling.max_tokens is not None:
             name = job.sampling.max_tokens_param
@@ -464,7 +464,9 @@ async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.Str
         cold = listing is None or not listing.loaded
     sampling = _sampling_for(job, decision.entry.defaults, decision.entry.context_length)
     generation = GenerationRequest(
-        request_id=RequestId(protocol.new_chat_id() if kind == "chat" else protocol.new_completion_id()),
+        request_id=RequestId(
+            openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
+        ),
         sampling=sampling,
         prompt=job.prompt,
         messages=job.messages,
@@ -549,7 +551,7 @@ async def _collect(
     if final is None:
         raise ModelFault("the model ended without a result")
     timing.done(final)
-    builder = protocol.chat_completion if job.kind == "chat" else protocol.text_completion
+    builder = openai_wire.chat_completion if job.kind == "chat" else openai_wire.text_completion
     return _json(
         builder(
             id=generation.request_id,
@@ -583,11 +585,11 @@ async def _stream(
 
     def chunk(text: str | None, finish: FinishReason | None = None, role: bool = False) -> bytes:
         if chat:
-            data = protocol.chat_chunk(
+            data = openai_wire.chat_chunk(
                 id=ident, model=model_id, created=created, content=text, role=role, finish_reason=finish
             )
         else:
-            data = protocol.completion_chunk(
+            data = openai_wire.completion_chunk(
                 id=ident, model=model_id, created=created, text=text or "", finish_reason=finish
             )
         return sse.event(data)
@@ -638,7 +640,7 @@ async def _stream(
                 timing.done(final)
                 await _write(response, chunk(None if chat else "", finish=final.finish_reason))
                 if job.include_usage:
-                    usage_chunk = protocol.chat_usage_chunk if chat else protocol.completion_usage_chunk
+                    usage_chunk = openai_wire.chat_usage_chunk if chat else openai_wire.completion_usage_chunk
                     await _write(
                         response,
                         sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from .metrics import Metrics
-from .routing import Cortex, RemoteDecision
+from helexa.mesh.metrics import Metrics
+from helexa.mesh.routing.decisions import Cortex, RemoteDecision
 
 # Serves `/v1/...`: routing decisions and the model list.
 CORTEX: web.AppKey[Cortex] = web.AppKey("helexa_cortex")

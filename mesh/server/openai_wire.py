@@ -23,10 +23,9 @@ from typing import Any, Final
 
 import orjson
 
-from engine.base import ChatMessage, FinishReason, Role, SamplingParams, Usage
-
-from .errors import InvalidRequest
-from .routing import ModelListing
+from helexa.engine.base import ChatMessage, FinishReason, Role, SamplingParams, Usage
+from helexa.mesh.errors import InvalidRequest
+from helexa.mesh.routing.decisions import ModelListing
 
 MAX_STOP_SEQUENCES: Final = 4
 _ROLES: Final[frozenset[str]] = frozenset({"system", "user", "assistant", "tool", "developer"})

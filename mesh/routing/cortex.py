@@ -22,15 +22,14 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from catalogue import placement
-from catalogue.entry import ModelEntry
-from engine.base import LoadedModel, ModelId
-
-from . import errors
-from .fleet import Fleet
-from .neuron import DRAINING_CODE, Neuron
-from .records import ModelRecord, NodeId, NodeRecord
-from .routing import Decision, Location, ModelListing, RemoteDecision
+from helexa.catalogue import placement
+from helexa.catalogue.entry import ModelEntry
+from helexa.engine.base import LoadedModel, ModelId
+from helexa.mesh import errors
+from helexa.mesh.fleet.records import ModelRecord, NodeId, NodeRecord
+from helexa.mesh.fleet.view import Fleet
+from helexa.mesh.routing.decisions import Decision, Location, ModelListing, RemoteDecision
+from helexa.mesh.routing.neuron import DRAINING_CODE, Neuron
 
 log = logging.getLogger(__name__)
 

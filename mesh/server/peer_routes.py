@@ -21,17 +21,17 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import errors
-from .appkeys import API_KEYS, CLIENT_AUTHORIZED
-from .auth import NONCE_HEADER
-from .forwarding import CLIENT_AUTH_HEADER, FORWARD_PREFIX
-from .gossip import GOSSIP_PATH, PeerAddr, gossip_handler
-from .records import NodeRecord
-from .server import FORWARDED_HEADER, Handler, chat_completions, completions
-from .timing import PROXY_CONNECT_TIMEOUT_S
+from helexa.mesh import errors
+from helexa.mesh.fleet.records import NodeRecord
+from helexa.mesh.gossip.auth import NONCE_HEADER
+from helexa.mesh.gossip.exchange import GOSSIP_PATH, PeerAddr, gossip_handler
+from helexa.mesh.routing.forwarding import CLIENT_AUTH_HEADER, FORWARD_PREFIX
+from helexa.mesh.server.appkeys import API_KEYS, CLIENT_AUTHORIZED
+from helexa.mesh.server.openai_routes import FORWARDED_HEADER, Handler, chat_completions, completions
+from helexa.mesh.timing import PROXY_CONNECT_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from helexa.mesh.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def add_peer_routes(app: web.Application, agent: Agent) -> None:
             await agent.neuron.ensure_loaded(entry)
         except errors.HelexaError as e:
             # Only the operator API calls this: the reason a load failed goes back to the operator.
-            from .operator_api import with_load_detail
+            from helexa.mesh.server.operator_routes import with_load_detail
 
             raise with_load_detail(agent, entry.id, e) from None
         name = agent.config.name

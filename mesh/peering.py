@@ -36,19 +36,18 @@ from typing import Any
 import aiohttp
 import orjson
 
-from catalogue.entry import ModelEntry
-
-from .auth import MeshAuth
-from .cortex import CatalogueView, MeshCortex
-from .discovery import SERVICE_TYPE, Discovery, GpuSummary
-from .events import Event, EventBus, EventKind, membership_event, record_events
-from .fleet import Fleet
-from .gossip import Gossip, HttpTransport, PeerAddr
-from .membership import MembershipEvent
-from .metrics import Metrics, PeerState
-from .neuron import Neuron, NeuronEvent
-from .records import NodeId, NodeRecord
-from .timing import DEFAULT_TIMING, EVENT_KEEPALIVE_S, MeshTiming
+from helexa.catalogue.entry import ModelEntry
+from helexa.mesh.discovery import SERVICE_TYPE, Discovery, GpuSummary
+from helexa.mesh.fleet.events import Event, EventBus, EventKind, membership_event, record_events
+from helexa.mesh.fleet.membership import MembershipEvent
+from helexa.mesh.fleet.records import NodeId, NodeRecord
+from helexa.mesh.fleet.view import Fleet
+from helexa.mesh.gossip.auth import MeshAuth
+from helexa.mesh.gossip.exchange import Gossip, HttpTransport, PeerAddr
+from helexa.mesh.metrics import Metrics, PeerState
+from helexa.mesh.routing.cortex import CatalogueView, MeshCortex
+from helexa.mesh.routing.neuron import Neuron, NeuronEvent
+from helexa.mesh.timing import DEFAULT_TIMING, EVENT_KEEPALIVE_S, MeshTiming
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ class LocalCatalogue:
     """
 
     def __init__(self, entries: Sequence[ModelEntry], *, path: Path | None) -> None:
-        from catalogue.store import entry_to_dict
+        from helexa.catalogue.store import entry_to_dict
 
         self.path = path
         self.dicts: dict[str, dict[str, object]] = {e.id: entry_to_dict(e) for e in entries}
@@ -216,7 +215,7 @@ class LocalCatalogue:
 
 def _write_entry(path: Path, entry_id: str, new: dict[str, object]) -> None:
     """Blocking: bring `path`'s entry `entry_id` to `new` (a tombstone removes it)."""
-    from catalogue import store
+    from helexa.catalogue import store
 
     if new.get("removed") is True:
         store.remove_entry(path, entry_id)
@@ -388,7 +387,7 @@ class MeshRuntime:
     def _parse(self, raw: Mapping[str, object]) -> ModelEntry | None:
         key = _canonical(raw)
         if key not in self._parsed:
-            from catalogue.store import entry_from_dict
+            from helexa.catalogue.store import entry_from_dict
 
             eid = str(raw.get("id"))
             local = self.local.parsed.get(eid)
@@ -429,7 +428,7 @@ class MeshRuntime:
     async def put_entry(self, raw: Mapping[str, object]) -> ModelEntry:
         """Add or update an entry (operator API): validated strictly, written to this node's file off the
         loop, with a version above every copy in the mesh, then gossiped. Raises on a bad entry."""
-        from catalogue.store import entry_from_dict, entry_to_dict
+        from helexa.catalogue.store import entry_from_dict, entry_to_dict
 
         fields = {
             k: v
@@ -438,7 +437,7 @@ class MeshRuntime:
         }
         eid = fields.get("id")
         if not isinstance(eid, str) or not eid:
-            from .errors import InvalidRequest
+            from helexa.mesh.errors import InvalidRequest
 
             raise InvalidRequest("the entry needs an 'id'", param="id")
         current = self.mesh_entries().get(eid)
@@ -590,7 +589,7 @@ class MeshRuntime:
 
 def _store_entry(path: Path, entry_id: str, fields: dict[str, object]) -> ModelEntry:
     """Blocking: add or update `entry_id` in the file (strict: refused on any problem)."""
-    from catalogue import store
+    from helexa.catalogue import store
 
     try:
         present = any(e.id == entry_id for e in store.load_catalogue(path).entries)
