@@ -6,7 +6,8 @@
 - `store`     — `load_catalogue`, `Catalogue.resolve`, tomlkit edits that keep comments
                 (`add_entry`, `update_entry`, `remove_entry`), `ensure_catalogue`, `entry_to_dict` /
                 `entry_from_dict` for gossip, `merge_catalogues` for the mesh-wide view.
-- `placement` — pure feasibility, eviction and placement over node views (`mesh.records` shapes).
+- `placement` — pure feasibility, eviction and placement over node views (the shapes of
+                `helexa.mesh.fleet.records`).
 
 The packaged default catalogue is `catalogue/models.toml`; `builtin:NAME` sources point at
 `catalogue/NAME/` in the installed package.

@@ -1,8 +1,9 @@
 """Feasibility and placement: pure functions over the fleet view (no I/O, no clock, no randomness).
 
-The views are Protocols whose attribute names match `mesh.records` (`NodeRecord`, `DeviceRecord`,
-`ModelRecord` satisfy them structurally), so the catalogue never imports the mesh. Liveness is passed in
-as the set of routable node ids, because only the caller's failure detector knows it.
+The views are Protocols whose attribute names match `helexa.mesh.fleet.records` (`NodeRecord`,
+`DeviceRecord`, `ModelRecord` satisfy them structurally), so the catalogue never imports the mesh.
+Liveness is passed in as the set of routable node ids, because only the caller's failure detector knows
+it.
 
 Memory model:
 - A model needs `memory_mb` (the catalogue's value, or a measured one passed as `memory_mb=`), split

@@ -154,7 +154,7 @@ def load_catalogue(path: str | os.PathLike[str]) -> Catalogue:
 
 def default_catalogue_text() -> str:
     """The packaged default `models.toml`."""
-    return importlib.resources.files("catalogue").joinpath("models.toml").read_text(encoding="utf-8")
+    return importlib.resources.files("helexa.catalogue").joinpath("models.toml").read_text(encoding="utf-8")
 
 
 def ensure_catalogue(path: str | os.PathLike[str]) -> bool:

@@ -13,6 +13,7 @@ Face repo id) and whether a `builtin:` model is installed.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import math
 import os
@@ -143,7 +144,7 @@ def check_name(value: object) -> str | None:
 
 def builtin_path(name: str) -> Path:
     """Where the package keeps the shipped model `name` (`builtin:demo` → `<package>/catalogue/demo`)."""
-    return Path(str(importlib.resources.files("catalogue").joinpath(name)))
+    return Path(str(importlib.resources.files("helexa.catalogue").joinpath(name)))
 
 
 def resolve_source(text: str, *, base_dir: Path | None) -> tuple[str, str | None]:
@@ -410,8 +411,6 @@ class _EntryParser:
 
 
 def _did_you_mean(key: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
 

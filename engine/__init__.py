@@ -16,7 +16,8 @@ from .base import (
     SamplingParams,
     Usage,
 )
-from .registry import choose_engine, create_engine, mlc_available
+from .probe import mlc_available
+from .registry import choose_engine, create_engine
 
 __all__ = [
     "ChatMessage",

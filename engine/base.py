@@ -1,7 +1,7 @@
 """The engine contract: neutral dataclasses and the `Engine` / `LoadedModel` protocols.
 
 Everything above the engine (the agent's model manager, the HTTP edge) speaks only these types;
-OpenAI-shaped objects exist only at the HTTP edge (`mesh.protocol`). Engines:
+OpenAI-shaped objects exist only at the HTTP edge (`helexa.mesh.server.openai_wire`). Engines:
 
 - `engine.transformers_engine.TransformersEngine` — PyTorch + transformers, CPU and CUDA.
 - `engine.mlc_engine.MLCEngine` — MLC-LLM in a supervised worker process (CUDA hosts, optional).

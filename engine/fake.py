@@ -109,7 +109,6 @@ class FakeModel:
         self._lock = asyncio.Lock()  # one sequence at a time, like the transformers engine
         self.fault: str | None = None
         self.unloaded = False
-        self.requests_started = 0
         self.requests_finished = 0
         self.requests_cancelled = 0
         self.in_flight = 0
@@ -167,7 +166,6 @@ class FakeModel:
         self.in_flight += 1
         try:
             async with self._lock:
-                self.requests_started += 1
                 completion = 0
                 finish: FinishReason = "stop"
                 for token in script_tokens:
@@ -236,10 +234,6 @@ class FakeEngine:
     @property
     def name(self) -> EngineName:
         return "fake"
-
-    @property
-    def total_loads(self) -> int:
-        return sum(self.loads.values())
 
     async def load(self, spec: LoadSpec, progress: ProgressCallback | None = None) -> FakeModel:
         script = FakeScript.from_options(self.script, spec.options)

@@ -1,7 +1,7 @@
 """The MLC-LLM engine: each model runs in a worker process the agent supervises.
 
 MLC's maintainers advise one engine per process, and the only reliable way to free its GPU memory is
-to end the process, so `MLCEngine.load` starts `python -m engine.mlc_engine` (or a test's worker
+to end the process, so `MLCEngine.load` starts `python -m helexa.engine.mlc_engine` (or a test's worker
 module) and talks to it in JSON lines over its stdin/stdout:
 
     parent -> worker   {"op": "load", "model", "device", "mode", "tensor_parallel_shards", "model_lib"}
@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import orjson
+import pynvml
 
 from .base import (
     Delta,
@@ -64,6 +65,7 @@ from .errors import (
     ModelSourceError,
     RequestError,
 )
+from .probe import mlc_available
 from .streaming import EventChannel, InFlight, check_input, check_usable
 
 log = logging.getLogger(__name__)
@@ -105,14 +107,11 @@ class MLCEngine:
         return "mlc"
 
     async def load(self, spec: LoadSpec, progress: ProgressCallback | None = None) -> MLCModel:
-        if self._require_mlc:
-            from .registry import mlc_available
-
-            if not mlc_available():
-                raise LoadError(
-                    "the mlc engine needs the mlc_llm package, which is not installed on this host "
-                    '(install MLC-LLM\'s CUDA wheel, or set engine = "transformers" for this model)'
-                )
+        if self._require_mlc and not mlc_available():
+            raise LoadError(
+                "the mlc engine needs the mlc_llm package, which is not installed on this host "
+                '(install MLC-LLM\'s CUDA wheel, or set engine = "transformers" for this model)'
+            )
         if not spec.devices or not all(d.startswith("cuda:") for d in spec.devices):
             raise LoadError(f"the mlc engine needs explicit CUDA devices (cuda:N), got {list(spec.devices)}")
         if progress is not None:
@@ -462,8 +461,9 @@ class _MLCBackend:
         self._engine: Any = None
 
     async def load(self, message: Mapping[str, Any], report: Any) -> dict[str, Any]:
-        from mlc_llm import AsyncMLCEngine
-        from mlc_llm.serve.config import EngineConfig
+        # Lazy: mlc_llm (TVM, CUDA) exists only on CUDA hosts, and only the worker process imports it.
+        from mlc_llm import AsyncMLCEngine  # noqa: PLC0415
+        from mlc_llm.serve.config import EngineConfig  # noqa: PLC0415
 
         report("loading")
         config = EngineConfig(tensor_parallel_shards=int(message.get("tensor_parallel_shards") or 1))
@@ -534,8 +534,6 @@ def _gpu_memory_of_this_process(n_devices: int) -> dict[str, int]:
     """GPU memory this worker holds per visible device, from NVML (0 when NVML cannot tell)."""
     result = {f"cuda:{i}": 0 for i in range(n_devices)}
     try:
-        import pynvml
-
         pynvml.nvmlInit()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         indices = [int(x) for x in visible.split(",") if x.strip().isdigit()] or list(range(n_devices))

@@ -7,12 +7,14 @@ transformers. `fake` is used only when an entry asks for it.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import get_args
 
 from .base import Engine, EngineName
+from .probe import mlc_available
+
+__all__ = ["ENGINE_NAMES", "choose_engine", "create_engine", "is_mlc_source", "mlc_available"]
 
 log = logging.getLogger(__name__)
 
@@ -21,27 +23,20 @@ ENGINE_NAMES: tuple[EngineName, ...] = get_args(EngineName)
 
 def create_engine(name: EngineName) -> Engine:
     """A new engine instance by name; the engine's module is imported only now."""
+    # Lazy on purpose: an agent imports only the engines its catalogue uses (this module stays cheap).
     if name == "transformers":
-        from .transformers_engine import TransformersEngine
+        from .transformers_engine import TransformersEngine  # noqa: PLC0415
 
         return TransformersEngine()
     if name == "mlc":
-        from .mlc_engine import MLCEngine
+        from .mlc_engine import MLCEngine  # noqa: PLC0415
 
         return MLCEngine()
     if name == "fake":
-        from .fake import FakeEngine
+        from .fake import FakeEngine  # noqa: PLC0415
 
         return FakeEngine()
     raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")
-
-
-def mlc_available() -> bool:
-    """Whether `mlc_llm` could be imported, without importing it (it pulls in TVM and CUDA)."""
-    try:
-        return importlib.util.find_spec("mlc_llm") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def is_mlc_source(source: str) -> bool:

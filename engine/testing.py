@@ -19,12 +19,8 @@ Heavy libraries (torch, transformers) are imported inside the builders, never at
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-from .base import Delta, Final, GenerationRequest, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +58,8 @@ The mesh serves open-weight models on the machines you already own, as if they w
 
 def train_tokenizer(vocab_size: int = 512) -> object:
     """Train a byte-level BPE `tokenizers.Tokenizer` on the fixed text; deterministic for a vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    # Lazy, here and in the builders below: importing this module must not import the ML libraries.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +78,7 @@ def train_tokenizer(vocab_size: int = 512) -> object:
 def save_tokenizer(directory: Path, *, vocab_size: int = 512, context_length: int = 512) -> int:
     """Write tokenizer.json + tokenizer_config.json (special tokens, eos, chat template) into
     `directory`; returns the tokenizer's full vocabulary size (special tokens included)."""
-    import transformers
+    import transformers  # noqa: PLC0415 -- lazy, see train_tokenizer
 
     tf: Any = transformers  # partially annotated; untyped at this boundary
     raw = train_tokenizer(vocab_size)
@@ -122,8 +119,8 @@ def build_tiny_model(
     decoding repeats one token, which makes tests of the decode loop weak). Deterministic for given
     arguments. Returns the directory.
     """
-    import torch
-    import transformers
+    import torch  # noqa: PLC0415 -- lazy, see train_tokenizer
+    import transformers  # noqa: PLC0415
 
     tf: Any = transformers  # partially annotated; untyped at this boundary
 
@@ -176,42 +173,4 @@ def build_qwen25_05b_shaped(directory: Path | str, *, seed: int = 0) -> Path:
         dtype="bfloat16",
         initializer_range=0.02,
         seed=seed,
-    )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GenerationTiming:
-    """One generation timed from the consumer's side of `LoadedModel.generate`."""
-
-    time_to_first_token_s: float
-    elapsed_s: float
-    completion_tokens: int
-    deltas: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode throughput after the first token (prefill excluded)."""
-        decode_s = self.elapsed_s - self.time_to_first_token_s
-        return (self.completion_tokens - 1) / decode_s if decode_s > 0 and self.completion_tokens > 1 else 0.0
-
-
-async def time_generation(model: LoadedModel, request: GenerationRequest) -> GenerationTiming:
-    """Run `request` on `model` directly (no HTTP) and time it: the in-process baseline for benchmarks."""
-    start = time.perf_counter()
-    first: float | None = None
-    deltas = 0
-    completion = 0
-    async for event in model.generate(request):
-        if isinstance(event, Delta):
-            deltas += 1
-            if first is None:
-                first = time.perf_counter() - start
-        elif isinstance(event, Final):
-            completion = event.usage.completion_tokens
-    elapsed = time.perf_counter() - start
-    return GenerationTiming(
-        time_to_first_token_s=elapsed if first is None else first,
-        elapsed_s=elapsed,
-        completion_tokens=completion,
-        deltas=deltas,
     )

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from helexa.mesh.timing import DEFAULT_DRAIN_TIMEOUT_S
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
@@ -33,9 +35,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/helexa/helexa.toml")
 DEFAULT_PORT = 31313
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_MESH = "default"
-# Long enough for a short answer in progress to finish, short enough that systemd's default stop
-# timeout (90 s) never has to SIGKILL us.
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 FILE_KEYS = frozenset(
     {

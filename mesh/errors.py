@@ -27,12 +27,9 @@ import logging
 import math
 
 from helexa.engine import errors as engine_errors
+from helexa.mesh.timing import DEFAULT_RETRY_AFTER_S
 
 logger = logging.getLogger(__name__)
-
-# Retry-After suggested when a model cannot be served right now but probably can soon (a load that
-# failed transiently, a node draining): long enough not to hammer, short enough for interactive use.
-DEFAULT_RETRY_AFTER_S = 5.0
 
 
 class HelexaError(Exception):

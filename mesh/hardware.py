@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pynvml  # nvidia-ml-py: cheap to import; the driver is loaded only by nvmlInit
 
 from helexa.mesh.fleet.records import DeviceRecord
+from helexa.mesh.timing import HARDWARE_SAMPLE_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-# How often the sampler refreshes live free memory. Placement reads it; a second is fresh enough for a
-# decision that is re-checked by the target agent anyway, and NVML queries cost well under a millisecond.
-SAMPLE_INTERVAL_S = 2.0
 # A free-memory change smaller than this is noise (allocator churn): not worth a new record version.
 SIGNIFICANT_CHANGE_MB = 256
 
@@ -97,16 +96,7 @@ class Hardware:
 
     def _init_nvml(self) -> None:
         self._initialised = True
-        nvml = self._nvml_module
-        if nvml is None:
-            try:
-                import pynvml
-
-                nvml = pynvml
-            except ImportError:
-                self._no_gpu_reason = "nvidia-ml-py is not installed"
-                log.info("no GPUs: %s; serving on the CPU", self._no_gpu_reason)
-                return
+        nvml = self._nvml_module if self._nvml_module is not None else pynvml
         try:
             nvml.nvmlInit()
         except Exception as e:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ... all mean "no GPUs"
@@ -229,7 +219,7 @@ class Hardware:
         self,
         on_change: Callable[[HardwareSnapshot], None],
         *,
-        interval_s: float = SAMPLE_INTERVAL_S,
+        interval_s: float = HARDWARE_SAMPLE_INTERVAL_S,
     ) -> None:
         """Refresh live free memory every `interval_s`; call `on_change` on a significant change.
 

@@ -1,19 +1,18 @@
-"""The mesh side of one agent: gossip, membership, discovery, the event bus and the mesh-wide catalogue.
+"""Peering: the mesh side of one agent (gossip, membership, discovery, events, catalogue replication).
 
 `MeshRuntime` wires the tested building blocks into a running agent:
 
-- **gossip** (`mesh.gossip.Gossip` over `HttpTransport` at `POST /mesh/peer/gossip`): the fleet's own
+- **gossip** (`mesh.gossip.exchange.Gossip` over `mesh.gossip.transport.HttpTransport` at
+  `POST /mesh/peer/gossip`): the fleet's own
   record is pushed into it on every rebuild (`fleet.subscribe(gossip.set_own)`; gossip beats the
   heartbeat), peers' records are mirrored into `fleet.peers`, liveness is the failure detector's;
 - **events**: membership transitions, peers' model changes (`record_events`) and this node's own loads,
   unloads and evictions (`neuron.on_event`) go to one `EventBus` behind `GET /mesh/events`;
 - **discovery** (`mesh.discovery`) runs in the background after the port is bound; its hints become gossip
   seeds, like the static `--peer`s;
-- **catalogue**: this node's entries (its file, plus what it adopts) travel in its record; the mesh-wide
-  catalogue (per id the newest version among live nodes, tombstones included) is what the cortex routes
-  over. Newer entries seen in gossip are adopted into this node's record *and written to its own
-  models.toml* (when the agent reads its catalogue from a file), so a model added anywhere survives any
-  one node going away, and a removal (a tombstone: `removed = true` with a higher version) spreads;
+- **catalogue**: this node's entries travel in its record; `mesh.fleet.catalogue.MeshCatalogue` adopts
+  newer entries from the mesh (and writes them to this node's models.toml) and keeps the view the cortex
+  routes over; it is refreshed whenever a record or a peer's liveness changes;
 - **preload**: `preload = true` entries load on one node, the first in placement order once the view
   has settled, not on every node;
 - **graceful leave** on drain: peers mark this node `left`, not dead;
@@ -28,41 +27,37 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
-from helexa.catalogue.entry import ModelEntry
 from helexa.mesh.discovery import SERVICE_TYPE, Discovery, GpuSummary
+from helexa.mesh.fleet.catalogue import CatalogueView, LocalCatalogue, MeshCatalogue
 from helexa.mesh.fleet.events import Event, EventBus, EventKind, membership_event, record_events
 from helexa.mesh.fleet.membership import MembershipEvent
 from helexa.mesh.fleet.records import NodeId, NodeRecord
 from helexa.mesh.fleet.view import Fleet
 from helexa.mesh.gossip.auth import MeshAuth
-from helexa.mesh.gossip.exchange import Gossip, HttpTransport, PeerAddr
+from helexa.mesh.gossip.exchange import Gossip
+from helexa.mesh.gossip.transport import HttpTransport, PeerAddr
 from helexa.mesh.metrics import Metrics, PeerState
-from helexa.mesh.routing.cortex import CatalogueView, MeshCortex
+from helexa.mesh.routing.cortex import MeshCortex
 from helexa.mesh.routing.neuron import Neuron, NeuronEvent
-from helexa.mesh.timing import DEFAULT_TIMING, EVENT_KEEPALIVE_S, MeshTiming
+from helexa.mesh.timing import (
+    COUNTS_PUBLISH_ROUNDS,
+    DEFAULT_TIMING,
+    EVENT_KEEPALIVE_S,
+    PEER_LOG_QUIET_S,
+    PRELOAD_SETTLE_ROUNDS,
+    MeshTiming,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalCatalogue", "MeshOptions", "MeshRuntime", "PeerStateLog", "newest_entries"]
+__all__ = ["MeshOptions", "MeshRuntime", "PeerStateLog"]
 
-# Preload waits this many gossip intervals after start so the fleet view has settled (peers known,
-# their models visible) before deciding which single node loads a `preload` entry.
-PRELOAD_SETTLE_ROUNDS = 3
-# Count-only changes of this node's record (requests in flight, totals, rates) are published at most every
-# this many gossip intervals (`Fleet.counts_interval_s`; 2 s in production): fresh enough for least-busy
-# routing and the dashboard, without re-gossiping a busy agent's whole record on every round.
-COUNTS_PUBLISH_ROUNDS = 2
-# A peer's repeated change of the same kind (suspect again, alive again...) within this window is logged
-# at debug: a flapping peer gets one warning per kind of change, not one per round.
-PEER_LOG_QUIET_S = 300.0
 
 _NEURON_EVENT_KINDS: dict[str, EventKind] = {
     "loading": "load_started",
@@ -154,84 +149,6 @@ class PeerStateLog:
         log.log(level, "peer %s (%s) %s%s", ev.name, str(ev.node_id)[:8], what, quiet)
 
 
-def _canonical(entry: Mapping[str, object]) -> bytes:
-    return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
-
-
-def _version(entry: Mapping[str, object]) -> int:
-    v = entry.get("version", 0)
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-
-def newest_entries(records: Sequence[NodeRecord]) -> dict[str, dict[str, object]]:
-    """Per entry id the newest version among `records`' catalogues, tombstones included.
-
-    Ties on version are broken by the canonical bytes (the same winner on every agent). Pure.
-    """
-    best: dict[str, tuple[int, bytes, Mapping[str, object]]] = {}
-    for r in records:
-        for e in r.catalogue:
-            eid = e.get("id")
-            if not isinstance(eid, str):
-                continue
-            cand = (_version(e), _canonical(e))
-            cur = best.get(eid)
-            if cur is None or cand > cur[:2]:
-                best[eid] = (*cand, e)
-    return {k: dict(v[2]) for k, v in best.items()}
-
-
-class LocalCatalogue:
-    """This node's catalogue entries in their gossip form (tombstones included), and its file.
-
-    `path` is None when the agent was given its entries (tests): edits then live in memory only.
-    Writes to the file run in worker threads, one at a time.
-    """
-
-    def __init__(self, entries: Sequence[ModelEntry], *, path: Path | None) -> None:
-        from helexa.catalogue.store import entry_to_dict
-
-        self.path = path
-        self.dicts: dict[str, dict[str, object]] = {e.id: entry_to_dict(e) for e in entries}
-        # Parsed entries of this node's own file (their sources resolved against the file's folder).
-        self.parsed: dict[str, ModelEntry] = {e.id: e for e in entries}
-        self._write_lock = asyncio.Lock()
-
-    def records(self) -> tuple[dict[str, object], ...]:
-        return tuple(self.dicts[k] for k in sorted(self.dicts))
-
-    async def write(self, entry_id: str, new: Mapping[str, object]) -> None:
-        """Make the file hold `new` for `entry_id` (add, replace, or remove for a tombstone). Logged, never
-        raised: the in-memory catalogue is what gossip carries either way."""
-        if self.path is None:
-            return
-        path = self.path
-        async with self._write_lock:
-            try:
-                await asyncio.to_thread(_write_entry, path, entry_id, dict(new))
-            except Exception as e:
-                log.warning("catalogue %s: could not write %s: %s", path, entry_id, e)
-
-
-def _write_entry(path: Path, entry_id: str, new: dict[str, object]) -> None:
-    """Blocking: bring `path`'s entry `entry_id` to `new` (a tombstone removes it)."""
-    from helexa.catalogue import store
-
-    if new.get("removed") is True:
-        store.remove_entry(path, entry_id)
-        return
-    fields = {k: v for k, v in new.items() if k != "removed"}
-    try:
-        current = store.load_catalogue(path)
-        present = any(e.id == entry_id for e in current.entries)
-    except FileNotFoundError:
-        present = False
-    if present:
-        store.update_entry(path, entry_id, fields, bump_version=False, replace=True)
-    else:
-        store.add_entry(path, fields)
-
-
 class _LazyTransport:
     """`HttpTransport` over the session the app creates when it starts (gossip is built before)."""
 
@@ -268,8 +185,6 @@ class MeshRuntime:
         self.fleet = fleet
         self.neuron = neuron
         self.cortex = cortex
-        self.view = view
-        self.local = local
         self.metrics = metrics
         self.mdns = mdns
         self.auth = MeshAuth(mesh_key) if mesh_key else None
@@ -284,11 +199,13 @@ class MeshRuntime:
                 log.warning("ignoring the bad static peer %r", text)
         self._transport = _LazyTransport(self.auth)
         self.gossip = Gossip(own=own, transport=self._transport, timing=self.timing, seeds=seeds)
-        self._parsed: dict[bytes, ModelEntry | None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
         self.peer_log = PeerStateLog()
         self._wire()
+        self.catalogue = MeshCatalogue(
+            local=local, view=view, live_records=self.live_records, changed=fleet.mark_changed
+        )
         self.refresh_catalogue()
         metrics.add_refresher(self.refresh_metrics)
 
@@ -380,97 +297,8 @@ class MeshRuntime:
         """Records of nodes that are alive or suspect (own included)."""
         return [r for nid, r in self.gossip.view.items() if self.gossip.liveness(nid) in ("alive", "suspect")]
 
-    def mesh_entries(self) -> dict[str, dict[str, object]]:
-        """The mesh-wide catalogue with tombstones (per id the newest version)."""
-        return newest_entries(self.live_records())
-
-    def _parse(self, raw: Mapping[str, object]) -> ModelEntry | None:
-        key = _canonical(raw)
-        if key not in self._parsed:
-            from helexa.catalogue.store import entry_from_dict
-
-            eid = str(raw.get("id"))
-            local = self.local.parsed.get(eid)
-            if local is not None and local.version == _version(raw) and raw == self.local.dicts.get(eid):
-                self._parsed[key] = local  # this node's own file entry (sources resolved against it)
-            else:
-                try:
-                    self._parsed[key] = entry_from_dict(raw)
-                except Exception as e:
-                    log.warning("ignoring the catalogue entry %s from the mesh: %s", eid, e)
-                    self._parsed[key] = None
-            if len(self._parsed) > 4096:
-                self._parsed.clear()
-        return self._parsed[key]
-
     def refresh_catalogue(self) -> None:
-        """Recompute the mesh-wide view and adopt newer entries into this node's catalogue."""
-        newest = self.mesh_entries()
-        adopted = False
-        for eid, winner in newest.items():
-            mine = self.local.dicts.get(eid)
-            if mine is not None and _version(mine) >= _version(winner):
-                continue
-            self.local.dicts[eid] = winner
-            self.local.parsed.pop(eid, None)
-            adopted = True
-            log.info("catalogue: adopting %s version %d from the mesh", eid, _version(winner))
-            self._spawn(self.local.write(eid, winner), f"write catalogue {eid}")
-        entries = [
-            e
-            for raw in newest.values()
-            if raw.get("removed") is not True and (e := self._parse(raw)) is not None
-        ]
-        self.view.replace(sorted(entries, key=lambda e: e.id))
-        if adopted:
-            self.fleet.mark_changed()
-
-    async def put_entry(self, raw: Mapping[str, object]) -> ModelEntry:
-        """Add or update an entry (operator API): validated strictly, written to this node's file off the
-        loop, with a version above every copy in the mesh, then gossiped. Raises on a bad entry."""
-        from helexa.catalogue.store import entry_from_dict, entry_to_dict
-
-        fields = {
-            k: v
-            for k, v in raw.items()
-            if k not in ("version", "removed", "feasible_on", "locations", "status", "loaded")
-        }
-        eid = fields.get("id")
-        if not isinstance(eid, str) or not eid:
-            from helexa.mesh.errors import InvalidRequest
-
-            raise InvalidRequest("the entry needs an 'id'", param="id")
-        current = self.mesh_entries().get(eid)
-        versions = [_version(e) for e in (current, self.local.dicts.get(eid)) if e]
-        if current is not None and current.get("removed") is not True:
-            # An update: the fields given replace those of the current entry (pinning posts a new pinned_on).
-            fields = {**{k: v for k, v in current.items() if k != "version"}, **fields}
-        fields = {k: v for k, v in fields.items() if v is not None}
-        fields["version"] = max(versions, default=0) + 1
-        entry = entry_from_dict(fields, origin="request")  # raises InvalidEntryError on problems
-        if self.local.path is not None:
-            path = self.local.path
-            async with self.local._write_lock:
-                entry = await asyncio.to_thread(_store_entry, path, eid, fields)
-        self.local.parsed[entry.id] = entry
-        self.local.dicts[entry.id] = entry_to_dict(entry)
-        self.refresh_catalogue()
-        self.fleet.mark_changed()
-        return entry
-
-    async def remove_entry(self, entry_id: str) -> bool:
-        """Remove an entry mesh-wide with a tombstone of a higher version. False if unknown."""
-        current = self.mesh_entries().get(entry_id)
-        if current is None or current.get("removed") is True:
-            return False
-        versions = [_version(e) for e in (current, self.local.dicts.get(entry_id)) if e]
-        tombstone: dict[str, object] = {"id": entry_id, "version": max(versions) + 1, "removed": True}
-        self.local.dicts[entry_id] = tombstone
-        self.local.parsed.pop(entry_id, None)
-        await self.local.write(entry_id, tombstone)
-        self.refresh_catalogue()
-        self.fleet.mark_changed()
-        return True
+        self.catalogue.refresh()
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -507,6 +335,7 @@ class MeshRuntime:
                     await task
             if self.discovery is not None:
                 await self.discovery.close()
+            await self.catalogue.aclose()
             self.bus.close()
             self._transport.http = None
             await self.http.close()
@@ -567,7 +396,7 @@ class MeshRuntime:
         if settle_s is None:
             settle_s = PRELOAD_SETTLE_ROUNDS * self.timing.gossip_interval_s
         await asyncio.sleep(settle_s)
-        for entry in self.view.entries:
+        for entry in self.catalogue.view.entries:
             if not entry.preload:
                 continue
             nodes = self.fleet.routable_nodes()
@@ -585,16 +414,3 @@ class MeshRuntime:
     def node_id_of(self, name_or_id: str) -> NodeId | None:
         record = self.fleet.node(name_or_id)
         return record.node_id if record is not None else None
-
-
-def _store_entry(path: Path, entry_id: str, fields: dict[str, object]) -> ModelEntry:
-    """Blocking: add or update `entry_id` in the file (strict: refused on any problem)."""
-    from helexa.catalogue import store
-
-    try:
-        present = any(e.id == entry_id for e in store.load_catalogue(path).entries)
-    except FileNotFoundError:
-        present = False
-    if present:
-        return store.update_entry(path, entry_id, fields, bump_version=True, replace=True)
-    return store.add_entry(path, fields)

@@ -1,4 +1,8 @@
-"""Server-sent events framing for the OpenAI streaming endpoints: plain functions and one context manager.
+"""Server-sent events framing, for every stream the agent sends: plain functions and one context manager.
+
+The OpenAI streaming endpoints (`mesh.server.inference`), `/mesh/events` (`mesh.server.operator_routes`),
+the proxy's error frame for a peer that died mid-stream (`mesh.routing.proxy`) and the dashboard's fake
+agent (`tui.fake_agent`) all frame through here.
 
 Frames: `event(data)` → `data: <json>\\n\\n`; `DONE` ends a successful stream; `KEEPALIVE` is a comment
 line (`: keep-alive`) that clients and the openai SDK ignore but that resets their idle timers (an
@@ -22,12 +26,9 @@ from typing import Final
 import orjson
 
 from helexa.mesh.errors import HelexaError, error_envelope
+from helexa.mesh.timing import SSE_KEEPALIVE_INTERVAL_S
 
 logger = logging.getLogger(__name__)
-
-# Clients with ~1 s idle timers dropped and retried during cold loads; one comment a second keeps them.
-# Tests shrink it (through `mesh.appkeys.KEEPALIVE_INTERVAL_S`).
-KEEPALIVE_INTERVAL_S: Final = 1.0
 
 CONTENT_TYPE: Final = "text/event-stream"
 HEADERS: Final[dict[str, str]] = {
@@ -36,13 +37,22 @@ HEADERS: Final[dict[str, str]] = {
     # Tell reverse proxies (nginx) not to buffer the stream.
     "X-Accel-Buffering": "no",
 }
-DONE: Final = b"data: [DONE]\n\n"
-KEEPALIVE: Final = b": keep-alive\n\n"
+# `/mesh/events` has always been served without the charset parameter (its events are ASCII JSON).
+EVENTS_HEADERS: Final[dict[str, str]] = {**HEADERS, "Content-Type": CONTENT_TYPE}
 
 
 def event(data: bytes) -> bytes:
     """One `data:` event around an already-encoded JSON payload (which never contains a newline)."""
     return b"data: " + data + b"\n\n"
+
+
+def comment(text: str) -> bytes:
+    """A comment line: ignored by clients, but it resets their idle timers."""
+    return b": " + text.encode() + b"\n\n"
+
+
+DONE: Final = event(b"[DONE]")
+KEEPALIVE: Final = comment("keep-alive")
 
 
 def error_event(exc: HelexaError) -> bytes:
@@ -54,7 +64,7 @@ def error_event(exc: HelexaError) -> bytes:
 async def keepalive(
     start: Callable[[], Awaitable[object]],
     write: Callable[[bytes], Awaitable[object]],
-    interval_s: float = KEEPALIVE_INTERVAL_S,
+    interval_s: float = SSE_KEEPALIVE_INTERVAL_S,
 ) -> AsyncIterator[None]:
     """While the body runs, every `interval_s` call `start()` (first tick only) and write `KEEPALIVE`.
 

@@ -1,9 +1,9 @@
 """Protocol timings and limits of the mesh, as named values with the reason for each.
 
-Like python-zeroconf's `const.py`: production values live here, each with why it is what it is, and tests
-shrink them (`MeshTiming.scaled(0.1)`) instead of sleeping through production timeouts. The mesh objects
-(`Gossip`, `FailureDetector`, the proxy) take a `MeshTiming`; nothing reads these constants behind their
-backs except as defaults.
+Like python-zeroconf's `const.py`: every named timing of the agent lives here, each with why it is what it
+is, and tests shrink them (`MeshTiming.scaled(0.1)`, `NeuronTiming`, app keys) instead of sleeping
+through production timeouts. The mesh objects (`Gossip`, `FailureDetector`, the proxy) take a
+`MeshTiming`; nothing reads these constants behind their backs except as defaults.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ RECONNECT_DEAD_EVERY_ROUNDS = 2
 GOSSIP_PEER_TIMEOUT_S = 0.8
 # Graceful leave is pushed to every live peer once, bounded so shutdown is never held up by a dead one.
 LEAVE_TIMEOUT_S = 1.0
+# Unanswered seeds (static peers, mDNS hints) are retried with doubling backoff up to this: a peer that
+# is down for a while is still found within half a minute of coming back.
+SEED_BACKOFF_MAX_S = 30.0
 # A gossip message larger than this is refused (100 nodes x a few KB each fits many times over).
 MAX_GOSSIP_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -60,6 +63,23 @@ TOMBSTONE_S = 600.0
 # silence was ours: the gap is credited to every peer instead of declaring the whole fleet dead.
 MAX_TICK_GAP_S = 2.5
 
+# --- fleet view -------------------------------------------------------------------------------------
+
+# Preload waits this many gossip intervals after start so the fleet view has settled (peers known,
+# their models visible) before deciding which single node loads a `preload` entry.
+PRELOAD_SETTLE_ROUNDS = 3
+# Count-only changes of this node's record (requests in flight, totals, rates) are published at most every
+# this many gossip intervals (`Fleet.counts_interval_s`; 2 s in production): fresh enough for least-busy
+# routing and the dashboard, without re-gossiping a busy agent's whole record on every round.
+COUNTS_PUBLISH_ROUNDS = 2
+# A peer's repeated change of the same kind (suspect again, alive again...) within this window is logged
+# at debug: a flapping peer gets one warning per kind of change, not one per round.
+PEER_LOG_QUIET_S = 300.0
+# Count-only changes of this node's record are published at most this often. Two gossip intervals: the
+# counters feed least-busy routing and the dashboard, which a 2 s old figure serves as well as a fresh
+# one, while a busy agent's record is no longer re-sent whole on every round (see the module doc).
+COUNTS_INTERVAL_S = 2.0
+
 # --- security ---------------------------------------------------------------------------------------
 
 # Accepted clock skew for signed peer requests. NTP keeps LAN hosts well inside this.
@@ -78,6 +98,10 @@ PROXY_CONNECT_TIMEOUT_S = 3.0
 # timeout: long answers must not be cut. Non-streamed requests that may think longer pass their own.
 PROXY_STALL_TIMEOUT_S = 60.0
 
+# A non-streamed answer sends nothing until it is complete (a cold load plus a long generation): the
+# stall timeout of such a forward must cover both. Streams carry keep-alives and use the proxy's.
+NON_STREAM_STALL_TIMEOUT_S = 900.0
+
 # --- events -----------------------------------------------------------------------------------------
 
 # Per-subscriber queue of `/mesh/events`; a subscriber this far behind loses its oldest events.
@@ -86,6 +110,44 @@ EVENT_QUEUE_SIZE = 1000
 EVENT_HISTORY_SIZE = 100
 # SSE comment keep-alive on an idle event stream (proxies and clients with idle timers).
 EVENT_KEEPALIVE_S = 15.0
+
+# --- the agent, its HTTP edge and its client ---------------------------------------------------------
+
+# Long enough for a short answer in progress to finish, short enough that systemd's default stop
+# timeout (90 s) never has to SIGKILL us.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# How often the sampler refreshes live free memory. Placement reads it; a second is fresh enough for a
+# decision that is re-checked by the target agent anyway, and NVML queries cost well under a millisecond.
+HARDWARE_SAMPLE_INTERVAL_S = 2.0
+# aiohttp's own bound on closing connections at shutdown. Streams were given the drain timeout before
+# this point; what remains is cut quickly so a stop never ends in SIGKILL.
+SHUTDOWN_TIMEOUT_S = 3.0
+# Retry-After suggested when a model cannot be served right now but probably can soon (a load that
+# failed transiently, a node draining): long enough not to hammer, short enough for interactive use.
+DEFAULT_RETRY_AFTER_S = 5.0
+# Clients with ~1 s idle timers dropped and retried during cold loads; one SSE comment a second keeps
+# them. Tests shrink it (through `mesh.server.appkeys.KEEPALIVE_INTERVAL_S`).
+SSE_KEEPALIVE_INTERVAL_S = 1.0
+# Operator calls are small and read cached state: a generous total bound is enough for them. A load is
+# different: the agent answers `POST /mesh/models/load` once the model *is loaded* (a download can take
+# many minutes, with nothing sent meanwhile), so that call has only the connect bound.
+CLIENT_REQUEST_TIMEOUT_S = 600.0
+CLIENT_CONNECT_TIMEOUT_S = 5.0
+
+# --- serving (the neuron's defaults; `NeuronTiming` overrides them per agent) -----------------------
+
+# After a transient load failure (download, race with another process for memory) the next request may
+# retry this soon; doubled per consecutive failure up to the maximum. Short enough that a client retry
+# after Retry-After succeeds once the cause is gone.
+LOAD_RETRY_BACKOFF_S = 2.0
+LOAD_RETRY_BACKOFF_MAX_S = 60.0
+# Structural failures (missing weights, bad config) do not fix themselves: wait this long before trying
+# again, so a broken entry that clients keep asking for costs one load attempt a minute, not hundreds.
+STRUCTURAL_RETRY_BACKOFF_S = 60.0
+# The keep-alive reaper's tick. keep_alive values are minutes in practice; a second of slack is nothing.
+REAPER_INTERVAL_S = 1.0
+# Bound on unloading one model at shutdown (a wedged engine must not hold the exit forever).
+UNLOAD_TIMEOUT_S = 10.0
 
 # --- discovery --------------------------------------------------------------------------------------
 

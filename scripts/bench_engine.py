@@ -40,9 +40,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helexa.catalogue.entry import ModelEntry  # noqa: E402
-from helexa.engine.base import Delta, Final, GenerationRequest, ModelId, RequestId, SamplingParams  # noqa: E402
-from helexa.mesh.agent import AGENT, build_app  # noqa: E402
+from helexa.catalogue.validate import builtin_path  # noqa: E402
+from helexa.engine.base import (  # noqa: E402
+    Delta,
+    Final,
+    GenerationRequest,
+    LoadedModel,
+    ModelId,
+    RequestId,
+    SamplingParams,
+)
+from helexa.engine.fake import FakeEngine  # noqa: E402
+from helexa.engine.testing import build_qwen25_05b_shaped  # noqa: E402
+from helexa.mesh.assembly import build_app  # noqa: E402
 from helexa.mesh.config import load_config  # noqa: E402
+from helexa.mesh.server.appkeys import AGENT  # noqa: E402
 
 TARGET_RATIO = 0.95
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -65,8 +77,6 @@ class Sample:
 
 
 async def direct(model: object, max_tokens: int, n: int) -> Sample:
-    from helexa.engine.base import LoadedModel
-
     assert isinstance(model, LoadedModel)
     request = GenerationRequest(
         request_id=RequestId(f"bench-direct-{n}"),
@@ -129,8 +139,6 @@ async def bench_model(
     model_id = f"bench/{label}"
     engine_for = None
     if source is None:
-        from helexa.engine.fake import FakeEngine
-
         fake = FakeEngine()
         engine_for = lambda e, d: fake  # noqa: E731
         options: dict[str, object] = {"tokens": ["tok"] * max_tokens, "token_delay_s": fake_token_s}
@@ -196,8 +204,6 @@ def qwen_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "helexa" / "bench"
     path = cache / "qwen2.5-0.5b-shaped"
     if not (path / "config.json").is_file():
-        from helexa.engine.testing import build_qwen25_05b_shaped
-
         print(f"building a random-weight Qwen2.5-0.5B-shaped model in {path} (once) ...", flush=True)
         build_qwen25_05b_shaped(path)
     return path
@@ -213,8 +219,6 @@ async def main_async(args: argparse.Namespace) -> int:
             await bench_model("model", Path(args.model_dir), rounds=args.rounds, max_tokens=args.max_tokens)
         )
     else:
-        from helexa.catalogue.validate import builtin_path
-
         demo = builtin_path("demo")
         if (demo / "config.json").is_file():
             ratios.append(await bench_model("demo", demo, rounds=args.rounds, max_tokens=args.max_tokens))

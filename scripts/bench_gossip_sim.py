@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helexa.engine.base import ModelId
 from helexa.mesh.fleet.codec import dumps, node_to_dict
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
-from helexa.mesh.gossip.exchange import Gossip, InMemoryNetwork, PeerAddr
+from helexa.mesh.gossip.exchange import Gossip
+from helexa.mesh.gossip.transport import InMemoryNetwork, PeerAddr
 from helexa.mesh.timing import DEFAULT_TIMING, MeshTiming
 
 OLD_TIMING = dataclasses.replace(
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fanout", type=int, default=None, help="override the new mode's fanout")
     args = ap.parse_args(argv)
-    logging.getLogger("mesh").setLevel(logging.ERROR)  # the failure-detection step cuts links on purpose
+    logging.getLogger("helexa.mesh").setLevel(logging.ERROR)  # the failure-detection step cuts links on purpose
     new_timing = DEFAULT_TIMING
     if args.fanout is not None:
         new_timing = dataclasses.replace(new_timing, gossip_fanout=args.fanout)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import signal
 import statistics
@@ -23,22 +22,24 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers.agentproc import agent_command, agent_env  # noqa: E402
+from tests.helpers.polling import eventually  # noqa: E402
+
 READY_TARGET_S = 2.0
 RSS_TARGET_MB = 150.0
 LISTENING = re.compile(rb"listening on (http://[\d.]+:\d+)")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def one_run(settle_s: float) -> tuple[float, float]:
     """(seconds from spawn to a 200 from /healthz, idle RSS in MB) of one fresh agent process."""
     with tempfile.TemporaryDirectory(prefix="helexa-bench-idle-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HELEXA_")}
-        env |= {"HOME": tmp, "HELEXA_STATE_DIR": str(Path(tmp) / "state")}
+        env = agent_env(Path(tmp), {"HELEXA_STATE_DIR": str(Path(tmp) / "state")})
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "helexa.mesh.cli",
+            *agent_command(),
             "agent",
             "--host",
             "127.0.0.1",
@@ -59,14 +60,18 @@ async def one_run(settle_s: float) -> tuple[float, float]:
                 if m := LISTENING.search(line):
                     url = m.group(1).decode()
             async with aiohttp.ClientSession() as http:
-                while True:
-                    try:
-                        async with http.get(f"{url}/healthz") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.005)
+
+                async def healthy() -> bool:
+                    async with http.get(f"{url}/healthz") as r:
+                        return r.status == 200
+
+                await eventually(
+                    healthy,
+                    timeout_s=60,
+                    interval_s=0.005,
+                    retry_on=(aiohttp.ClientError,),
+                    what="/healthz to answer 200",
+                )
             ready_s = time.perf_counter() - started
             # Keep draining stderr so the agent never blocks on a full pipe.
             drain = asyncio.create_task(proc.stderr.read())

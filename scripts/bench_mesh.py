@@ -32,12 +32,11 @@ import importlib.util
 import json
 import random
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,19 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.netns.agentproc import (  # noqa: E402
+from helexa.engine import registry  # noqa: E402
+from helexa.engine.base import (  # noqa: E402
+    ChatMessage,
+    Delta,
+    EngineName,
+    GenerationRequest,
+    LoadSpec,
+    ModelId,
+    RequestId,
+    SamplingParams,
+)
+from helexa.engine.testing import build_tiny_model  # noqa: E402
+from tests.helpers.agentproc import (  # noqa: E402
     AgentProc,
     agent_argv,
     agent_env,
@@ -59,6 +70,8 @@ from tests.netns.agentproc import (  # noqa: E402
     stop_agent,
     wait_ready,
 )
+from tests.helpers.polling import eventually  # noqa: E402
+from tests.helpers.ports import free_port  # noqa: E402
 
 FAST = "bench/fast"
 TINY = "bench/tiny"
@@ -97,12 +110,6 @@ async def proxy_serve(port: int, upstream: str) -> None:
 
 
 # --- set-up -------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_catalogue(path: Path, tiny_dir: Path | None, cold_reps: int) -> None:
@@ -190,14 +197,6 @@ async def rig(work: Path, catalogue: Path) -> AsyncIterator[Rig]:
             await proxy.wait()
         for agent in agents.values():
             stop_agent(agent)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(what)
-        await asyncio.sleep(0.1)
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -343,16 +342,6 @@ async def background_decode(rig: Rig) -> AsyncIterator[dict[str, float]]:
 async def engine_cold(engine: Any, source: str, options: dict[str, object]) -> float:
     """The engine's own load + first token, in this process (no HTTP, no mesh), greedy like the mesh
     request below so both decode the same tokens."""
-    from helexa.engine.base import (
-        ChatMessage,
-        Delta,
-        GenerationRequest,
-        LoadSpec,
-        ModelId,
-        RequestId,
-        SamplingParams,
-    )
-
     spec = LoadSpec(model_id=ModelId(f"inproc/{time.monotonic_ns()}"), source=source, options=options)
     request = GenerationRequest(
         request_id=RequestId("bench"),
@@ -372,9 +361,6 @@ async def engine_cold(engine: Any, source: str, options: dict[str, object]) -> f
 
 
 async def cold_loads(rig: Rig, reps: int, real: bool, tiny_dir: Path | None) -> bool:
-    from helexa.engine import registry
-    from helexa.engine.base import EngineName
-
     print("\n3. cold load: first token through entry for a model loaded nowhere (serve loads it), vs the")
     print("   engine's own load + first token in this process; interleaved, greedy, medians")
     print(f"  {'':<28}{'mesh (ms)':>10}{'engine (ms)':>12}{'overhead (ms)':>15}")
@@ -455,8 +441,6 @@ async def run(args: argparse.Namespace) -> bool:
         work = Path(tmp)
         tiny_dir: Path | None = None
         if args.real:
-            from helexa.engine.testing import build_tiny_model
-
             tiny_dir = await asyncio.to_thread(build_tiny_model, work / "tiny")
         catalogue = work / "models.toml"
         write_catalogue(catalogue, tiny_dir, args.cold_reps)
@@ -470,7 +454,9 @@ async def run(args: argparse.Namespace) -> bool:
             async def entry_sees_it() -> bool:
                 return "serve" in nodes_with(await get_state(r.http, r.entry.url), FAST)
 
-            await until(entry_sees_it, 15, "entry never saw bench/fast loaded on serve")
+            await eventually(
+                entry_sees_it, timeout_s=15, interval_s=0.1, what="entry to see bench/fast loaded on serve"
+            )
             ok &= report_forwarding(
                 "1. forwarding overhead (fake engine, zero token delay)",
                 await forwarding(r, args.rounds, seed=1),

@@ -126,10 +126,10 @@ def main() -> int:
         tui_args = ["--fake-fleet", f"{args.nodes}x{args.gpus}"]
 
     call = f"main({tui_args!r})"
-    run = f"from tui.app import main; {call}"
+    run = f"from helexa.tui.app import main; {call}"
     if args.profile:
         stats_path = str(Path(args.profile).resolve())
-        run = f"import cProfile; from tui.app import main; cProfile.run({call!r}, {stats_path!r})"
+        run = f"import cProfile; from helexa.tui.app import main; cProfile.run({call!r}, {stats_path!r})"
     pid, fd = pty.fork()
     if pid == 0:  # child: the dashboard
         os.chdir(ROOT)

@@ -42,7 +42,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
+
+import tokenizers
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 logger = logging.getLogger("train_demo_model")
 
@@ -178,8 +185,6 @@ def _title_from_topic(key: str) -> str:
 
 def topic_documents() -> list[Document]:
     """The Python docs' topics (`pydoc_data.topics`), one document per topic."""
-    from pydoc_data.topics import topics
-
     docs = []
     for key in sorted(topics):
         paragraphs = clean_paragraphs(topics[key])
@@ -318,8 +323,6 @@ def render_sample(doc: Document, rng: random.Random, chat_fraction: float) -> st
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer (GPT-2 style) with the ChatML special tokens; a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -337,8 +340,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
 
 def wrap_tokenizer(tokenizer: Any) -> Any:
     """The transformers tokenizer saved beside the model (loadable with `AutoTokenizer`)."""
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         eos_token=IM_END,
@@ -373,15 +374,11 @@ def _lr_at(step: int, hp: HyperParams) -> float:
 
 def _next_token_loss(model: Any, batch: Any) -> Any:
     """Mean cross-entropy of predicting `batch[:, 1:]` from `batch[:, :-1]` (a scalar tensor)."""
-    import torch
-
     logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
 def _greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-    import torch
-
     ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"]
@@ -407,9 +404,6 @@ SAMPLE_PROMPTS = (
 
 def train(hp: HyperParams, out_dir: Path) -> dict[str, Any]:
     """Build the corpus, train tokenizer and model, write everything into `out_dir` (which must exist)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     started = time.monotonic()
     torch.set_num_threads(hp.threads)
     torch.manual_seed(hp.seed)
@@ -551,8 +545,8 @@ def train(hp: HyperParams, out_dir: Path) -> dict[str, Any]:
         "total_seconds": round(time.monotonic() - started, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "tokenizers": __import__("tokenizers").__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
         "cpu_count": os.cpu_count(),
         "samples": samples_out,
     }

@@ -23,7 +23,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer, Input, Label, TabbedContent, TabPane
 
-from helexa.mesh.cli.ops import agent_url
+from helexa.mesh.client import agent_url
 
 from .commands import FleetCommands
 from .fleet import ConnectionStatus, FleetEvent, FleetState

@@ -1,22 +1,54 @@
-"""Command palette entries built from the live fleet: load/unload/pin/unpin/filter by name."""
+"""Command palette entries built from the live fleet: load/unload/pin/unpin/filter by name.
+
+The provider knows the app only as `FleetActions` (the state it reads and the actions it calls), so this
+module imports nothing from `app`; `HelexaApp` satisfies the protocol and lists `FleetCommands` in its
+`COMMANDS`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, runtime_checkable
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-if TYPE_CHECKING:
-    from .app import HelexaApp
+from .fleet import FleetState
 
 Command = tuple[str, Callable[[], object], str]
 
 
+@runtime_checkable
+class FleetActions(Protocol):
+    """What the palette needs from the app it runs in."""
+
+    @property
+    def state(self) -> FleetState | None: ...
+
+    def action_toggle_devices(self) -> None: ...
+
+    def action_clear_filter(self) -> None: ...
+
+    def set_filter(self, needle: str) -> None: ...
+
+    def request_load(self, model: str, node: str | None) -> None: ...
+
+    def request_unload(self, model: str, node: str | None) -> None: ...
+
+    def request_pin(self, model: str, nodes: Sequence[str]) -> None: ...
+
+    def request_unpin(self, model: str) -> None: ...
+
+
 class FleetCommands(Provider):
+    def _actions(self) -> FleetActions:
+        app = self.app
+        if not isinstance(app, FleetActions):
+            raise TypeError(f"FleetCommands needs an app with the fleet actions, not {type(app).__name__}")
+        return app
+
     def _commands(self, *, discover: bool = False) -> list[Command]:
-        app = cast("HelexaApp", self.app)
+        app = self._actions()
         state = app.state
         out: list[Command] = [
             ("Toggle device rows", app.action_toggle_devices, "show or hide each node's devices"),

@@ -1,6 +1,6 @@
 """What the dashboard shows, parsed from the agent's `/mesh/state` and `/mesh/events` JSON.
 
-The wire shape is documented in `mesh.records`. Parsing here is forgiving: a missing or odd field
+The wire shape is documented in `helexa.mesh.fleet.records`. Parsing here is forgiving: a missing or odd field
 becomes a neutral default instead of an exception, because the dashboard must keep drawing while
 agents of different versions share a mesh. Everything is frozen, so "did this change?" is `==`.
 """
@@ -8,7 +8,7 @@ agents of different versions share a mesh. Everything is frozen, so "did this ch
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 ConnectionState = Literal["connecting", "connected", "reconnecting"]
@@ -43,7 +43,7 @@ class ModelView:
     error: str | None = None
     tokens_per_s: float | None = None
     resident: bool = False
-    # Not in the documented state yet: used for the traffic view when an agent publishes them.
+    # For the traffic view; None from agents that do not publish them.
     requests_total: int | None = None
     ttft_s: float | None = None
 
@@ -71,7 +71,9 @@ class LocationView:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class CatalogueView:
+class CatalogueEntryView:
+    """One catalogue entry as the dashboard shows it (a row of the Catalogue tab)."""
+
     id: str
     aliases: tuple[str, ...] = ()
     pinned_on: tuple[str, ...] = ()
@@ -80,8 +82,6 @@ class CatalogueView:
     resident: bool = False
     memory_mb: int = 0
     engine: str = "auto"
-    # The entry as the agent sent it, for read-modify-write of `pinned_on`.
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -91,7 +91,7 @@ class FleetState:
     self_id: str = ""
     agent_version: str = ""
     nodes: tuple[NodeView, ...] = ()
-    catalogue: tuple[CatalogueView, ...] = ()
+    catalogue: tuple[CatalogueEntryView, ...] = ()
 
     def node_name(self, key: str) -> str:
         """A node's name from its id (or the key itself when it already is a name or unknown)."""
@@ -100,7 +100,7 @@ class FleetState:
                 return node.name
         return key
 
-    def entry(self, model_id: str) -> CatalogueView | None:
+    def entry(self, model_id: str) -> CatalogueEntryView | None:
         for entry in self.catalogue:
             if model_id == entry.id or model_id in entry.aliases:
                 return entry
@@ -209,8 +209,8 @@ def parse_node(data: Mapping[str, Any]) -> NodeView:
     )
 
 
-def parse_entry(data: Mapping[str, Any]) -> CatalogueView:
-    return CatalogueView(
+def parse_entry(data: Mapping[str, Any]) -> CatalogueEntryView:
+    return CatalogueEntryView(
         id=_str(data.get("id"), "?"),
         aliases=_strs(data.get("aliases")),
         pinned_on=_strs(data.get("pinned_on")),
@@ -227,7 +227,6 @@ def parse_entry(data: Mapping[str, Any]) -> CatalogueView:
         resident=bool(data.get("resident", False)),
         memory_mb=_int(data.get("memory_mb")),
         engine=_str(data.get("engine"), "auto"),
-        raw=dict(data),
     )
 
 
@@ -263,8 +262,9 @@ def _event_details(data: Mapping[str, Any]) -> str | None:
 def parse_event(data: Mapping[str, Any], *, default_type: str = "message", now_s: float = 0.0) -> FleetEvent:
     """One `/mesh/events` JSON object → `FleetEvent`.
 
-    The agent (`mesh.events.Event.to_json`) sends `time` (unix seconds), `node` (the node's id) and
-    `node_name`; the log shows the name. `ts` and a `node` that is a name or an object are accepted too.
+    The agent (`helexa.mesh.fleet.events.Event.to_json`) sends `time` (unix seconds), `node` (the node's
+    id) and `node_name`; the log shows the name. `ts` and a `node` that is a name or an object are
+    accepted too.
     """
     node = data.get("node_name") or data.get("node")
     if isinstance(node, Mapping):

@@ -3,7 +3,8 @@
 `FleetSource` is the seam: `HttpFleetSource` talks to a real agent (polls `/mesh/state` about twice a
 second, follows `/mesh/events`, reconnects by itself with back-off); `FakeFleetSource` simulates a fleet
 of any size, deterministically (seeded, with an injectable clock), for tests, snapshots and the bench,
-and records every operator call it receives.
+and records every operator call it receives. The fake holds agent records and builds its `/mesh/state`
+with the agent's own `state_to_json`, so what it shows is what an agent would send.
 """
 
 from __future__ import annotations
@@ -18,20 +19,14 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from helexa.mesh.cli.ops import AgentClient, AgentError, AgentUnreachable
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.store import entry_to_dict
+from helexa.engine.base import ModelId
+from helexa.mesh.client import AgentClient, AgentError, AgentUnreachable
+from helexa.mesh.fleet.codec import state_to_json
+from helexa.mesh.fleet.records import DeviceRecord, Liveness, ModelRecord, ModelStatus, NodeId, NodeRecord
 
-from .fleet import (
-    CatalogueView,
-    ConnectionStatus,
-    DeviceView,
-    FleetEvent,
-    FleetState,
-    LocationView,
-    ModelView,
-    NodeView,
-    parse_event,
-    parse_state,
-)
+from .fleet import ConnectionStatus, FleetEvent, FleetState, parse_event, parse_state
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +218,25 @@ _GPU_MODELS = (
     ("NVIDIA H100 80GB HBM3", 81_559),
 )
 _SMALL_NAMES = ("beast", "benjy", "closet", "laptop")
+_AGENT_VERSION = "0.1.0"
 
 
 @dataclass(kw_only=True, slots=True)
 class _FakeNode:
-    view: NodeView
-    models: dict[str, ModelView] = field(default_factory=dict)
+    """One simulated agent: its own record (models kept apart, by id) and its liveness as seen by the
+    agent the dashboard watches."""
+
+    record: NodeRecord
+    liveness: Liveness = "alive"
+    models: dict[str, ModelRecord] = field(default_factory=dict)
 
 
 class FakeFleetSource:
     """A simulated fleet: `nodes` hosts with `gpus_per_node` GPUs each (0 = CPU-only).
+
+    The fleet is held as the agent holds it (`NodeRecord`s, their liveness, catalogue entries) and shown
+    through the agent's own `/mesh/state` builder (`wire_state`) and the dashboard's parser (`snapshot`),
+    so the fake and a real agent cannot drift apart.
 
     With `interval_s` set, `run` advances the simulation every `interval_s` (utilisation, memory,
     temperature and decode rates drift on every device, loads progress). With `interval_s=None` it
@@ -263,30 +267,34 @@ class FakeFleetSource:
         self.calls: list[OperatorCall] = []
         self.fail_next: str | None = None  # the next operator call fails with this message
         self._pinned: dict[str, tuple[str, ...]] = {}
+        self._catalogue_versions: dict[str, int] = {}  # grows with every pin edit, as the agent's does
         self._nodes: list[_FakeNode] = []
         self._ticks = 0
         now = clock()
         for i in range(nodes):
+            node_id = NodeId(f"node-{i:03d}")
             name = _SMALL_NAMES[i] if nodes <= len(_SMALL_NAMES) else f"gpu-{i + 1:02d}"
             gpu_name, gpu_mb = _GPU_MODELS[i % len(_GPU_MODELS)]
             count = gpus_per_node if not (nodes <= len(_SMALL_NAMES) and name == "laptop") else 0
-            devices: tuple[DeviceView, ...]
+            devices: tuple[DeviceRecord, ...]
             if count:
                 devices = tuple(
-                    DeviceView(
+                    DeviceRecord(
                         name=f"cuda:{d}",
                         kind="cuda",
                         model=gpu_name,
+                        uuid=f"GPU-{node_id}-cuda:{d}",
                         memory_total_mb=gpu_mb,
                         memory_free_mb=gpu_mb - 600,
                         utilization=0.0,
                         temperature_c=float(35 + (i + d) % 10),
+                        compute_capability="8.9",
                     )
                     for d in range(count)
                 )
             else:
                 devices = (
-                    DeviceView(
+                    DeviceRecord(
                         name="cpu",
                         kind="cpu",
                         model="AMD Ryzen 7 7840U",
@@ -295,20 +303,23 @@ class FakeFleetSource:
                         utilization=0.05,
                     ),
                 )
-            view = NodeView(
-                id=f"node-{i:03d}",
+            record = NodeRecord(
+                node_id=node_id,
                 name=name,
                 address=f"10.0.{i // 250}.{i % 250 + 10}",
                 port=31313,
                 generation=int((now - 3600 * (i % 7 + 1) - 61 * i) * 1000),
-                liveness="alive",
-                agent_version="0.1.0",
+                version=1,
+                heartbeat=0,
+                mesh=mesh,
+                agent_version=_AGENT_VERSION,
+                engines=("mlc", "transformers"),
                 devices=devices,
             )
-            self._nodes.append(_FakeNode(view=view))
+            self._nodes.append(_FakeNode(record=record))
         # A starting population: a model or two per GPU node, deterministic.
         for i, node in enumerate(self._nodes):
-            if node.view.devices[0].kind == "cpu":
+            if node.record.devices[0].kind == "cpu":
                 self._put_model(node, "helexa/demo", "loaded")
                 continue
             spec = _FAKE_CATALOGUE[1 + i % 3]
@@ -322,17 +333,19 @@ class FakeFleetSource:
         return self._url
 
     def _fits(self, node: _FakeNode, spec: _FakeModelSpec) -> bool:
-        gpus = [d for d in node.view.devices if d.kind == "cuda"]
+        gpus = [d for d in node.record.devices if d.kind == "cuda"]
         if not gpus:
             return spec.cpu_ok
         per_device = spec.memory_mb / spec.min_devices
         return len(gpus) >= spec.min_devices and max(d.memory_total_mb for d in gpus) >= per_device
 
-    def _put_model(self, node: _FakeNode, model_id: str, status: str, progress: float | None = None) -> None:
+    def _put_model(
+        self, node: _FakeNode, model_id: str, status: ModelStatus, progress: float | None = None
+    ) -> None:
         spec = next(s for s in _FAKE_CATALOGUE if s.id == model_id)
-        devices = tuple(d.name for d in node.view.devices[: spec.min_devices])
-        node.models[model_id] = ModelView(
-            id=model_id,
+        devices = tuple(d.name for d in node.record.devices[: spec.min_devices])
+        node.models[model_id] = ModelRecord(
+            id=ModelId(model_id),
             status=status,
             engine="transformers" if devices == ("cpu",) else "mlc",
             devices=devices,
@@ -344,7 +357,7 @@ class FakeFleetSource:
 
     def _node(self, key: str | None) -> _FakeNode | None:
         for node in self._nodes:
-            if key in (node.view.id, node.view.name):
+            if key in (node.record.node_id, node.record.name):
                 return node
         return None
 
@@ -356,133 +369,55 @@ class FakeFleetSource:
                 FleetEvent(type=type_, ts=self._clock(), node=node, model=model, message=message)
             )
 
-    def snapshot(self) -> FleetState:
-        nodes = tuple(
-            replace(n.view, models=tuple(n.models[k] for k in sorted(n.models))) for n in self._nodes
+    def _catalogue_entry(self, spec: _FakeModelSpec) -> dict[str, object]:
+        entry = ModelEntry(
+            id=ModelId(spec.id),
+            source=spec.id,
+            memory_mb=spec.memory_mb,
+            min_devices=spec.min_devices,
+            aliases=spec.aliases,
+            pinned_on=self._pinned.get(spec.id, ()),
+            version=self._catalogue_versions.get(spec.id, 1),
         )
-        catalogue: list[CatalogueView] = []
-        for spec in sorted(_FAKE_CATALOGUE, key=lambda s: s.id):
-            locations = tuple(
-                LocationView(node=n.view.id, status=n.models[spec.id].status, memory_mb=spec.memory_mb)
-                for n in self._nodes
-                if spec.id in n.models
-            )
-            feasible = tuple(
-                n.view.name for n in self._nodes if n.view.liveness == "alive" and self._fits(n, spec)
-            )
-            raw = {
-                "id": spec.id,
-                "source": spec.id,
-                "memory_mb": spec.memory_mb,
-                "aliases": list(spec.aliases),
-            }
-            catalogue.append(
-                CatalogueView(
-                    id=spec.id,
-                    aliases=spec.aliases,
-                    pinned_on=self._pinned.get(spec.id, ()),
-                    feasible_on=feasible,
-                    locations=locations,
-                    memory_mb=spec.memory_mb,
-                    raw=raw,
-                )
-            )
-        return FleetState(
-            mesh=self._mesh,
-            open=self._open,
-            self_id=self._nodes[0].view.id if self._nodes else "",
-            agent_version="0.1.0",
-            nodes=nodes,
-            catalogue=tuple(catalogue),
-        )
+        return entry_to_dict(entry)
 
     def wire_state(self) -> dict[str, Any]:
-        """The current state as an agent's `GET /mesh/state` JSON document (shape in `mesh.records`).
+        """The current state as an agent's `GET /mesh/state` JSON document, built by the agent's own
+        `state_to_json` from the fake's records (shape in `helexa.mesh.fleet.records`).
 
-        For benches and demos that feed the dashboard through HTTP, so that it parses real JSON as it does
-        in production; `parse_state(wire_state())` equals `snapshot()`. Carries the fields a real agent
-        sends that the dashboard ignores (version, heartbeat, engines, uuid, ...) so parsing costs the same.
+        What `fake_agent_app` serves, so that the dashboard parses real JSON as it does in production.
         """
-        state = self.snapshot()
+        heartbeat = self._ticks
         nodes = [
-            {
-                "id": n.id,
-                "name": n.name,
-                "address": n.address,
-                "port": n.port,
-                "generation": n.generation,
-                "version": self._ticks + 1,
-                "heartbeat": self._ticks,
-                "mesh": state.mesh,
-                "liveness": n.liveness,
-                "agent_version": n.agent_version,
-                "engines": ["mlc", "transformers"],
-                "labels": {},
-                "draining": n.draining,
-                "left": n.liveness == "left",
-                "devices": [
-                    {
-                        "name": d.name,
-                        "kind": d.kind,
-                        "model": d.model,
-                        "uuid": f"GPU-{n.id}-{d.name}" if d.kind == "cuda" else None,
-                        "memory_total_mb": d.memory_total_mb,
-                        "memory_free_mb": d.memory_free_mb,
-                        "utilization": d.utilization,
-                        "temperature_c": d.temperature_c,
-                        "compute_capability": "8.9" if d.kind == "cuda" else None,
-                    }
-                    for d in n.devices
-                ],
-                "models": [
-                    {
-                        "id": m.id,
-                        "status": m.status,
-                        "engine": m.engine,
-                        "devices": list(m.devices),
-                        "memory_mb": m.memory_mb,
-                        "in_flight": m.in_flight,
-                        "queued": m.queued,
-                        "last_used": m.last_used,
-                        "progress": m.progress,
-                        "error": m.error,
-                        "tokens_per_s": m.tokens_per_s,
-                        "resident": m.resident,
-                    }
-                    for m in n.models
-                ],
-            }
-            for n in state.nodes
+            (
+                replace(
+                    n.record,
+                    version=heartbeat + 1,
+                    heartbeat=heartbeat,
+                    left=n.liveness == "left",
+                    models=tuple(n.models[k] for k in sorted(n.models)),
+                ),
+                n.liveness,
+            )
+            for n in self._nodes
         ]
-        names = {n.id: n.name for n in state.nodes}
-        catalogue = [
-            {
-                **e.raw,
-                "pinned_on": list(e.pinned_on),
-                "resident": e.resident,
-                "version": 1,
-                "feasible_on": list(e.feasible_on),
-                "locations": [
-                    {
-                        "node": loc.node,
-                        "node_name": names.get(loc.node, loc.node),
-                        "status": loc.status,
-                        "memory_mb": loc.memory_mb,
-                        "in_flight": loc.in_flight,
-                    }
-                    for loc in e.locations
-                ],
-            }
-            for e in state.catalogue
-        ]
-        return {
-            "mesh": state.mesh,
-            "open": state.open,
-            "self": state.self_id,
-            "agent_version": state.agent_version,
-            "nodes": nodes,
-            "catalogue": catalogue,
+        feasible_on = {
+            spec.id: [n.record.name for n in self._nodes if n.liveness == "alive" and self._fits(n, spec)]
+            for spec in _FAKE_CATALOGUE
         }
+        return state_to_json(
+            mesh=self._mesh,
+            open_mesh=self._open,
+            self_id=self._nodes[0].record.node_id if self._nodes else NodeId(""),
+            agent_version=_AGENT_VERSION,
+            nodes=nodes,
+            catalogue=[self._catalogue_entry(spec) for spec in _FAKE_CATALOGUE],
+            feasible_on=feasible_on,
+        )
+
+    def snapshot(self) -> FleetState:
+        """The current state as the dashboard sees it: `wire_state()` through the dashboard's parser."""
+        return parse_state(self.wire_state())
 
     def publish(self) -> None:
         if self._sink is not None:
@@ -493,7 +428,7 @@ class FakeFleetSource:
         self._ticks += 1
         rng = self._rng
         for node in self._nodes:
-            if node.view.liveness != "alive":
+            if node.liveness != "alive":
                 continue
             busy = 0.0
             for model_id, m in list(node.models.items()):
@@ -501,7 +436,7 @@ class FakeFleetSource:
                     progress = min(1.0, (m.progress or 0.0) + 1.0 / self._load_steps)
                     if progress >= 1.0:
                         node.models[model_id] = replace(m, status="loaded", progress=None, tokens_per_s=0.0)
-                        self._emit_event("load_done", node.view.name, model_id)
+                        self._emit_event("load_done", node.record.name, model_id)
                     else:
                         node.models[model_id] = replace(m, progress=progress)
                 elif m.status == "loaded":
@@ -513,12 +448,14 @@ class FakeFleetSource:
                         queued=max(0, in_flight - 6),
                         tokens_per_s=tps,
                         last_used=self._clock() if in_flight else m.last_used,
+                        # Each request in flight is taken to finish within the step.
+                        requests_total=m.requests_total + in_flight,
                     )
                     busy += in_flight / 8
             used_by_models = sum(m.memory_mb for m in node.models.values())
             devices = []
-            for d in node.view.devices:
-                share = used_by_models / max(1, len(node.view.devices))
+            for d in node.record.devices:
+                share = used_by_models / max(1, len(node.record.devices))
                 util = max(0.0, min(1.0, busy + rng.uniform(-0.05, 0.05)))
                 temp = None
                 if d.temperature_c is not None:
@@ -532,19 +469,15 @@ class FakeFleetSource:
                         memory_free_mb=free,
                     )
                 )
-            node.view = replace(node.view, devices=tuple(devices))
+            node.record = replace(node.record, devices=tuple(devices))
         self.publish()
 
-    def kill_node(self, name: str, liveness: str = "dead") -> None:
+    def kill_node(self, name: str, liveness: Liveness = "dead") -> None:
         node = self._node(name)
         if node is None:
             raise KeyError(name)
-        node.view = replace(node.view, liveness=liveness)
-        self._emit_event(liveness, node.view.name, message=f"{node.view.name} is {liveness}")
-        self.publish()
-
-    def set_open(self, open_mesh: bool) -> None:
-        self._open = open_mesh
+        node.liveness = liveness
+        self._emit_event(liveness, node.record.name, message=f"{node.record.name} is {liveness}")
         self.publish()
 
     async def run(self, sink: FleetSink) -> None:
@@ -552,7 +485,7 @@ class FakeFleetSource:
         try:
             sink.on_connection(ConnectionStatus(state="connected"))
             for node in self._nodes:
-                self._emit_event("join", node.view.name, message=f"{node.view.name} joined")
+                self._emit_event("join", node.record.name, message=f"{node.record.name} joined")
             self.publish()
             interval_s = self._interval_s
             if interval_s is None:
@@ -586,33 +519,36 @@ class FakeFleetSource:
             if target is None:
                 raise OperatorError(f"no node named {node!r} (node_not_found, HTTP 404)")
         else:
-            candidates = [n for n in self._nodes if n.view.liveness == "alive" and self._fits(n, spec)]
+            candidates = [n for n in self._nodes if n.liveness == "alive" and self._fits(n, spec)]
             target = next((n for n in candidates if spec.id not in n.models), None)
             if target is None:
                 raise OperatorError(f"{spec.id} fits on no live node (model_unavailable, HTTP 503)")
         if spec.id not in target.models:
             self._put_model(target, spec.id, "loading", progress=0.0)
-            self._emit_event("load_started", target.view.name, spec.id)
+            self._emit_event("load_started", target.record.name, spec.id)
             self.publish()
-        return f"loading {spec.id} on {target.view.name}"
+        return f"loading {spec.id} on {target.record.name}"
 
     async def unload_model(self, model: str, node: str | None = None) -> str:
         self.calls.append(OperatorCall(op="unload", model=model, node=node))
         self._check_fail()
         spec = self._spec(model)
-        targets = [n for n in self._nodes if spec.id in n.models and node in (None, n.view.name, n.view.id)]
+        targets = [
+            n for n in self._nodes if spec.id in n.models and node in (None, n.record.name, n.record.node_id)
+        ]
         if not targets:
             raise OperatorError(f"{spec.id} is not loaded" + (f" on {node}" if node else "") + " (HTTP 404)")
         for target in targets:
             del target.models[spec.id]
-            self._emit_event("unload", target.view.name, spec.id)
+            self._emit_event("unload", target.record.name, spec.id)
         self.publish()
-        return f"unloaded {spec.id} from " + ", ".join(t.view.name for t in targets)
+        return f"unloaded {spec.id} from " + ", ".join(t.record.name for t in targets)
 
     async def set_pinned(self, model: str, pinned_on: Sequence[str]) -> str:
         self.calls.append(OperatorCall(op="pin", model=model, pinned_on=tuple(pinned_on)))
         self._check_fail()
         spec = self._spec(model)
         self._pinned[spec.id] = tuple(pinned_on)
+        self._catalogue_versions[spec.id] = self._catalogue_versions.get(spec.id, 1) + 1
         self.publish()
         return f"{spec.id} pinned on {', '.join(pinned_on)}" if pinned_on else f"{spec.id} unpinned"

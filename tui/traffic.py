@@ -1,14 +1,14 @@
 """Traffic history derived from successive fleet states (pure; no widgets).
 
-What `/mesh/state` publishes per model per node: `tokens_per_s`, `in_flight`, `queued`, `last_used`.
-From those, per model and per node, over the last few minutes in fixed buckets:
+What `/mesh/state` publishes per model per node: `tokens_per_s`, `in_flight`, `queued`, `last_used`,
+`requests_total`, `ttft_s`. From those, per model and per node, over the last few minutes in fixed buckets:
 
 - tokens/s: the sum of the published decode rates (exact);
 - busy: in-flight + queued, averaged over the bucket (exact);
 - requests/s: from `requests_total` deltas when an agent publishes that counter; otherwise a lower
   bound from how often `last_used` moved between polls (several requests within one poll count once),
   marked as an estimate;
-- time to first token: only when an agent publishes `ttft_s` (the documented state has no TTFT yet).
+- time to first token: only when an agent publishes `ttft_s` (once it has timed a request).
 """
 
 from __future__ import annotations

@@ -18,16 +18,13 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiohttp import web
-
-from helexa.mesh.fleet.codec import dumps
 from helexa.mesh.fleet.membership import MembershipEvent
 from helexa.mesh.fleet.records import NodeRecord
-from helexa.mesh.timing import EVENT_HISTORY_SIZE, EVENT_KEEPALIVE_S, EVENT_QUEUE_SIZE
+from helexa.mesh.timing import EVENT_HISTORY_SIZE, EVENT_QUEUE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +35,6 @@ __all__ = [
     "Subscription",
     "membership_event",
     "record_events",
-    "sse_handler",
 ]
 
 EventKind = Literal[
@@ -233,37 +229,3 @@ def record_events(old: NodeRecord | None, new: NodeRecord | None) -> list[Event]
         if gone.status != "unloading":
             out.append(Event(kind="unload", node=new.node_id, node_name=new.name, model=gone.id))
     return out
-
-
-def sse_handler(
-    bus: EventBus, *, keepalive_s: float = EVENT_KEEPALIVE_S
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """aiohttp handler for `GET /mesh/events`: streams the bus as SSE until the client or the bus goes."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await resp.prepare(request)
-        with bus.subscription() as sub:
-            try:
-                await resp.write(b": connected\n\n")
-                while True:
-                    ev = await sub.get(timeout_s=keepalive_s)
-                    if ev is None:
-                        if sub.closed:
-                            break
-                        await resp.write(b": keep-alive\n\n")
-                        continue
-                    await resp.write(b"data: " + dumps(ev.to_json()) + b"\n\n")
-            except (ConnectionResetError, ConnectionError):
-                return resp  # the client went away
-        with contextlib.suppress(ConnectionError):
-            await resp.write_eof()
-        return resp
-
-    return handle

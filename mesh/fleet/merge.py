@@ -173,17 +173,18 @@ def content_hash(r: NodeRecord) -> str:
     return _b64(hashlib.blake2b(_canonical(d), digest_size=6).digest())
 
 
-def _entry_version(e: Mapping[str, object]) -> int:
+def entry_version(e: Mapping[str, object]) -> int:
+    """A catalogue entry's version (0 when missing or not an integer)."""
     v = e.get("version", 0)
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def mesh_catalogue(records: Iterable[NodeRecord]) -> list[dict[str, object]]:
-    """The mesh-wide catalogue: for each entry id the newest version among all nodes' entries.
+def newest_entries(records: Iterable[NodeRecord]) -> dict[str, dict[str, object]]:
+    """The one catalogue merge: per entry id the newest version among `records`' catalogues, tombstones
+    (`"removed": true`) included.
 
-    Ties on version with different content are broken by the encoded bytes (deterministic on every
-    agent). An entry whose newest version carries `"removed": true` is a deletion and is left out.
-    Sorted by id.
+    Ties on version with different content are broken by the encoded bytes (the same winner on every
+    agent), so the result does not depend on the order of `records`.
     """
     best: dict[str, tuple[int, bytes, Mapping[str, object]]] = {}
     for r in records:
@@ -191,8 +192,14 @@ def mesh_catalogue(records: Iterable[NodeRecord]) -> list[dict[str, object]]:
             eid = e.get("id")
             if not isinstance(eid, str):
                 continue
-            cand = (_entry_version(e), _canonical(e))
+            cand = (entry_version(e), _canonical(e))
             cur = best.get(eid)
             if cur is None or cand > cur[:2]:
                 best[eid] = (*cand, e)
-    return [dict(e) for _, _, e in (best[k] for k in sorted(best)) if e.get("removed") is not True]
+    return {k: dict(v[2]) for k, v in best.items()}
+
+
+def mesh_catalogue(records: Iterable[NodeRecord]) -> list[dict[str, object]]:
+    """The mesh-wide catalogue as listed: `newest_entries` without the deletions, sorted by id."""
+    newest = newest_entries(records)
+    return [newest[k] for k in sorted(newest) if newest[k].get("removed") is not True]

@@ -40,6 +40,7 @@ from typing import Any
 
 from helexa.mesh.fleet.records import DeviceRecord, Liveness, ModelRecord, NodeId, NodeRecord
 from helexa.mesh.hardware import SIGNIFICANT_CHANGE_MB
+from helexa.mesh.timing import COUNTS_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ Subscriber = Callable[[NodeRecord], None]
 
 # Heartbeat advances that end an avoid mark: one could be a relayed beat older than the failure.
 AVOID_HEARTBEAT_ADVANCE = 2
-# Count-only changes of this node's record are published at most this often. Two gossip intervals: the
-# counters feed least-busy routing and the dashboard, which a 2 s old figure serves as well as a fresh
-# one, while a busy agent's record is no longer re-sent whole on every round (see the module doc).
-COUNTS_INTERVAL_S = 2.0
 
 # ModelRecord fields that move with every request (rate-limited); any other field is a status change.
 _COUNT_FIELDS = ("in_flight", "queued", "requests_total", "tokens_per_s", "ttft_s", "last_used")

@@ -41,8 +41,8 @@ whole. Graceful leave pushes the own record with `left = true` to every live pee
 protocol-1 messages too (`syn`, `push`, `full`), so an agent with `compact_digests=False` still gossips
 with this one; an agent older than protocol 2 refuses `csyn` (the exchange fails and is retried).
 
-The transport is `async (peer, body) -> reply body` and raises on failure: `HttpTransport` posts to
-`POST /mesh/peer/gossip` (mount `gossip_handler(gossip)` there, or `add_routes`), `InMemoryNetwork`
+The transport (`mesh.gossip.transport`) is `async (peer, body) -> reply body` and raises on failure:
+`HttpTransport` posts to `POST /mesh/peer/gossip` (served by `gossip_handler(gossip)`), `InMemoryNetwork`
 connects gossipers in one process (tests, `scripts/bench_gossip_sim.py`).
 """
 
@@ -54,12 +54,10 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-
-from aiohttp import ClientSession, web
 
 from helexa.mesh.fleet.codec import (
     CodecError,
@@ -83,68 +81,20 @@ from helexa.mesh.fleet.merge import (
     order_key,
 )
 from helexa.mesh.fleet.records import Liveness, NodeId, NodeRecord
-from helexa.mesh.gossip.auth import NONCE_HEADER, MeshAuth
-from helexa.mesh.timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, MeshTiming
+from helexa.mesh.gossip.transport import GossipError, PeerAddr, Transport
+from helexa.mesh.timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, SEED_BACKOFF_MAX_S, MeshTiming
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "GOSSIP_PATH",
-    "Gossip",
-    "GossipStats",
-    "HttpTransport",
-    "InMemoryNetwork",
-    "PeerAddr",
-    "Transport",
-    "add_routes",
-    "gossip_handler",
-]
+__all__ = ["PROTOCOL_VERSION", "Gossip", "GossipStats"]
 
-GOSSIP_PATH = "/mesh/peer/gossip"
 PROTOCOL_VERSION = 2
 MAX_DIGEST_ENTRIES = 100_000
 _CONTENT_HASH_CHARS = 8  # mesh.merge.content_hash
-_SEED_BACKOFF_MAX_S = 30.0
 _MAX_INT = 2**63 - 1
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class PeerAddr:
-    """Where a peer's API listens."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self}"
-
-    @classmethod
-    def parse(cls, text: str, *, default_port: int = 31313) -> PeerAddr:
-        """`host:port`, `[v6]:port`, or a bare host (default port). Raises ValueError."""
-        text = text.strip()
-        if text.startswith("["):
-            host, _, rest = text[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") else default_port
-        elif text.count(":") == 1:
-            host, _, p = text.partition(":")
-            port = int(p)
-        else:
-            host, port = text, default_port
-        if not host or not 0 < port < 65536:
-            raise ValueError(f"bad peer address {text!r}")
-        return cls(host, port)
-
-
-Transport = Callable[[PeerAddr, bytes], Awaitable[bytes]]
 RecordListener = Callable[[NodeRecord | None, NodeRecord | None], None]  # (old, new); new None: forgotten
-
-
-class GossipError(Exception):
-    """An exchange failed (bad reply, other mesh, refused)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -373,7 +323,7 @@ class Gossip:
                 self.detector.report_failure(nid, reason)
             if seed is not None:
                 seed.backoff_s = min(
-                    _SEED_BACKOFF_MAX_S, max(self.timing.gossip_interval_s, seed.backoff_s * 2)
+                    SEED_BACKOFF_MAX_S, max(self.timing.gossip_interval_s, seed.backoff_s * 2)
                 )
                 seed.next_try_at = self._clock() + seed.backoff_s
             self._log_once(str(addr), "gossip with %s failed: %s", addr, reason)
@@ -752,78 +702,3 @@ def _int_list(v: object, bound: int) -> list[int]:
 
 
 # --- transports -------------------------------------------------------------------------------------
-
-
-# aiohttp's default Accept, Accept-Encoding and User-Agent add ~75 B to every gossip request (~35 % of the
-# headers of an open mesh) and the gossip handler reads none of them.
-_SKIP_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
-
-
-class HttpTransport:
-    """Posts gossip messages to `POST /mesh/peer/gossip` with aiohttp; signs and checks with a mesh key."""
-
-    def __init__(
-        self, session: ClientSession, *, auth: MeshAuth | None = None, path: str = GOSSIP_PATH
-    ) -> None:
-        self._session = session
-        self._auth = auth
-        self._path = path
-
-    async def __call__(self, peer: PeerAddr, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self._auth is not None:
-            headers.update(self._auth.sign("POST", self._path, body))
-        async with self._session.post(
-            f"{peer.url}{self._path}", data=body, headers=headers, skip_auto_headers=_SKIP_HEADERS
-        ) as resp:
-            data = await resp.content.read(MAX_GOSSIP_MESSAGE_BYTES + 1)
-            if len(data) > MAX_GOSSIP_MESSAGE_BYTES:
-                raise GossipError("reply too large")
-            if resp.status != 200:
-                raise GossipError(f"HTTP {resp.status}: {data[:200]!r}")
-            if self._auth is not None:
-                self._auth.verify_response(headers[NONCE_HEADER], resp.status, data, resp.headers)
-            return data
-
-
-def gossip_handler(gossip: Gossip) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The aiohttp handler for `POST /mesh/peer/gossip` (authentication is the middleware's job)."""
-
-    async def handle(request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_GOSSIP_MESSAGE_BYTES:
-            return web.json_response({"type": "reject", "reason": "message too large"}, status=413)
-        body = await request.read()
-        status, reply = gossip.handle(body)
-        return web.Response(body=reply, status=status, content_type="application/json")
-
-    return handle
-
-
-def add_routes(app: web.Application, gossip: Gossip) -> None:
-    app.router.add_post(GOSSIP_PATH, gossip_handler(gossip))
-
-
-class InMemoryNetwork:
-    """Gossipers in one process connected by direct calls; links can be cut (tests, simulation)."""
-
-    def __init__(self, *, latency_s: float = 0.0) -> None:
-        self.latency_s = latency_s
-        self.nodes: dict[PeerAddr, Gossip] = {}
-        self.cut: set[PeerAddr] = set()
-
-    def transport_for(self, src: PeerAddr) -> Transport:
-        async def transport(dst: PeerAddr, body: bytes) -> bytes:
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            target = self.nodes.get(dst)
-            if target is None or src in self.cut or dst in self.cut:
-                raise ConnectionRefusedError(f"{dst} unreachable")
-            status, reply = target.handle(body)
-            if status != 200:
-                raise GossipError(f"status {status}")
-            return reply
-
-        return transport
-
-    def add(self, addr: PeerAddr, gossip: Gossip) -> None:
-        self.nodes[addr] = gossip

@@ -26,42 +26,17 @@ from helexa.catalogue import placement
 from helexa.catalogue.entry import ModelEntry
 from helexa.engine.base import LoadedModel, ModelId
 from helexa.mesh import errors
+from helexa.mesh.fleet.catalogue import CatalogueView
 from helexa.mesh.fleet.records import ModelRecord, NodeId, NodeRecord
 from helexa.mesh.fleet.view import Fleet
 from helexa.mesh.routing.decisions import Decision, Location, ModelListing, RemoteDecision
 from helexa.mesh.routing.neuron import DRAINING_CODE, Neuron
+from helexa.mesh.timing import DEFAULT_RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 
 # Order of "best" status over a model's locations, for `/v1/models`.
 _STATUS_RANK = {"loaded": 3, "loading": 2, "failed": 1, "unloaded": 0}
-
-
-class CatalogueView:
-    """What the cortex needs from the catalogue: resolve a name, list the entries."""
-
-    def __init__(self, entries: Sequence[ModelEntry] = ()) -> None:
-        self._entries: tuple[ModelEntry, ...] = ()
-        self._names: dict[str, ModelEntry] = {}
-        self.replace(entries)
-
-    def replace(self, entries: Sequence[ModelEntry]) -> None:
-        self._entries = tuple(entries)
-        names: dict[str, ModelEntry] = {}
-        # Ids first, so an alias never shadows another entry's id.
-        for entry in self._entries:
-            names.setdefault(entry.id, entry)
-        for entry in self._entries:
-            for alias in entry.aliases:
-                names.setdefault(alias, entry)
-        self._names = names
-
-    @property
-    def entries(self) -> tuple[ModelEntry, ...]:
-        return self._entries
-
-    def resolve(self, name: str) -> ModelEntry | None:
-        return self._names.get(name)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,7 +112,7 @@ class MeshCortex:
                     f"The model '{entry.id}' can only run on {', '.join(draining)}, which "
                     f"{'is' if len(draining) == 1 else 'are'} shutting down",
                     reason="draining",
-                    retry_after_s=errors.DEFAULT_RETRY_AFTER_S,
+                    retry_after_s=DEFAULT_RETRY_AFTER_S,
                     code=DRAINING_CODE,
                 )
             raise errors.ModelUnavailable(

@@ -1,6 +1,6 @@
 """The `FORWARDER` of the HTTP edge: serve a `RemoteDecision` by forwarding to the peer it names.
 
-    app[FORWARDER] = Forwarder(runtime=..., fleet=..., cortex=...)
+    app[FORWARDER] = Forwarder(session=lambda: http, auth=..., fleet=..., cortex=...)   # mesh.assembly
 
 The request goes to the peer's `/mesh/peer<original path>` (signed with the mesh key when there is one)
 with `X-Helexa-Forwarded: 1`, so the target serves it locally and never routes it again: it cold-loads
@@ -26,33 +26,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from helexa.mesh import errors
 from helexa.mesh.fleet.records import NodeRecord
 from helexa.mesh.fleet.view import Fleet
-from helexa.mesh.gossip.exchange import PeerAddr
+from helexa.mesh.gossip.auth import MeshAuth
+from helexa.mesh.gossip.transport import PeerAddr
 from helexa.mesh.routing.decisions import Cortex, RemoteDecision
 from helexa.mesh.routing.neuron import REFUSAL_CODES
+from helexa.mesh.routing.peer_client import CLIENT_AUTH_HEADER, FORWARD_PREFIX
 from helexa.mesh.routing.proxy import PeerFailed, PeerRefused, PeerUnreachable, forward
-from helexa.mesh.timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
-
-if TYPE_CHECKING:
-    from helexa.mesh.peering import MeshRuntime
+from helexa.mesh.timing import (
+    DEFAULT_RETRY_AFTER_S,
+    NON_STREAM_STALL_TIMEOUT_S,
+    PROXY_CONNECT_TIMEOUT_S,
+    PROXY_STALL_TIMEOUT_S,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIENT_AUTH_HEADER", "FORWARD_PREFIX", "Forwarder"]
-
-# Forwarded inference goes under the peer prefix, so the peer-auth middleware covers it.
-FORWARD_PREFIX = "/mesh/peer"
-CLIENT_AUTH_HEADER = "X-Helexa-Client-Authorization"
-# A non-streamed answer sends nothing until it is complete (a cold load plus a long generation): the
-# stall timeout of such a forward must cover both. Streams carry keep-alives and use the proxy's.
-NON_STREAM_STALL_TIMEOUT_S = 900.0
+__all__ = ["Forwarder"]
 
 
 def _wants_stream(body: bytes) -> bool:
@@ -88,22 +85,25 @@ class Forwarder:
     def __init__(
         self,
         *,
-        runtime: MeshRuntime,
+        session: Callable[[], aiohttp.ClientSession | None],
+        auth: MeshAuth | None,
         fleet: Fleet,
         cortex: Cortex,
         connect_timeout_s: float = PROXY_CONNECT_TIMEOUT_S,
         stall_timeout_s: float = PROXY_STALL_TIMEOUT_S,
         non_stream_stall_timeout_s: float = NON_STREAM_STALL_TIMEOUT_S,
-        avoid_s: float | None = None,
+        avoid_s: float,
     ) -> None:
-        self.runtime = runtime
+        self.session = session
+        self.auth = auth
         self.fleet = fleet
         self.cortex = cortex
         self.connect_timeout_s = connect_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.non_stream_stall_timeout_s = non_stream_stall_timeout_s
-        # Long enough for the failure detector to declare a really dead peer dead.
-        self.avoid_s = avoid_s if avoid_s is not None else runtime.timing.dead_after_s * 2
+        # How long a failed peer is avoided in routing: long enough for the failure detector to declare a
+        # really dead peer dead (the assembly passes twice its dead-after time).
+        self.avoid_s = avoid_s
 
     def _avoid(self, node: NodeRecord, why: str) -> None:
         log.warning("peer %s (%s) failed a forwarded request: %s", node.name, node.node_id[:8], why)
@@ -115,12 +115,12 @@ class Forwarder:
     async def __call__(
         self, request: web.Request, decision: RemoteDecision, body: bytes
     ) -> web.StreamResponse:
-        session = self.runtime.http
+        session = self.session()
         if session is None:
             raise errors.ModelUnavailable("this agent is not running", reason="draining", retry_after_s=1.0)
         stall_s = self.stall_timeout_s if _wants_stream(body) else self.non_stream_stall_timeout_s
         extra: dict[str, str] = {}
-        if self.runtime.auth is None and "Authorization" in request.headers:
+        if self.auth is None and "Authorization" in request.headers:
             extra[CLIENT_AUTH_HEADER] = request.headers["Authorization"]
         tried: set[str] = set()
         refusal: PeerRefused | None = None
@@ -138,7 +138,7 @@ class Forwarder:
                         target=target,
                         body=body,
                         path=FORWARD_PREFIX + request.raw_path,
-                        auth=self.runtime.auth,
+                        auth=self.auth,
                         connect_timeout_s=self.connect_timeout_s,
                         stall_timeout_s=stall_s,
                         refuse_statuses=(503,),
@@ -170,5 +170,5 @@ class Forwarder:
         raise errors.ModelUnavailable(
             f"No node can serve the model '{decision.entry.id}' right now",
             reason="unreachable",
-            retry_after_s=errors.DEFAULT_RETRY_AFTER_S,
+            retry_after_s=DEFAULT_RETRY_AFTER_S,
         )

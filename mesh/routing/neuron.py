@@ -55,23 +55,18 @@ from helexa.engine.errors import EngineError, EngineFault, LoadError, ModelSourc
 from helexa.mesh import errors
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, ModelStatus
 from helexa.mesh.metrics import Metrics
+from helexa.mesh.timing import (
+    LOAD_RETRY_BACKOFF_MAX_S,
+    LOAD_RETRY_BACKOFF_S,
+    REAPER_INTERVAL_S,
+    STRUCTURAL_RETRY_BACKOFF_S,
+    UNLOAD_TIMEOUT_S,
+)
 
 log = logging.getLogger(__name__)
 
 # --- timings (tests shrink them through `NeuronTiming`) ---------------------------------------------
 
-# After a transient load failure (download, race with another process for memory) the next request may
-# retry this soon; doubled per consecutive failure up to the maximum. Short enough that a client retry
-# after Retry-After succeeds once the cause is gone.
-LOAD_RETRY_BACKOFF_S = 2.0
-LOAD_RETRY_BACKOFF_MAX_S = 60.0
-# Structural failures (missing weights, bad config) do not fix themselves: wait this long before trying
-# again, so a broken entry that clients keep asking for costs one load attempt a minute, not hundreds.
-STRUCTURAL_RETRY_BACKOFF_S = 60.0
-# The keep-alive reaper's tick. keep_alive values are minutes in practice; a second of slack is nothing.
-REAPER_INTERVAL_S = 1.0
-# Bound on unloading one model at shutdown (a wedged engine must not hold the exit forever).
-UNLOAD_TIMEOUT_S = 10.0
 # Weight of the newest sample in the published recent-average time to first token.
 TTFT_SMOOTHING = 0.3
 
@@ -91,7 +86,10 @@ class NeuronTiming:
     unload_timeout_s: float = UNLOAD_TIMEOUT_S
 
 
-EventKind = Literal["loading", "loaded", "load_failed", "unloaded", "evicted", "fault"]
+# At most this much of an engine's load failure reaches the operator (`with_load_detail`).
+LOAD_DETAIL_MAX_CHARS = 500
+
+NeuronEventKind = Literal["loading", "loaded", "load_failed", "unloaded", "evicted", "fault"]
 # Why the agent unloads a model on its own (the `reason` label of `helexa_evictions_total`).
 Eviction = Literal["memory", "idle"]
 
@@ -100,7 +98,7 @@ Eviction = Literal["memory", "idle"]
 class NeuronEvent:
     """Something `/mesh/events` should tell the dashboard."""
 
-    kind: EventKind
+    kind: NeuronEventKind
     model: ModelId
     at: float  # unix seconds
     devices: tuple[str, ...] = ()
@@ -205,6 +203,28 @@ class Neuron:
     def record(self, model_id: str) -> ModelRecord | None:
         slot = self._slots.get(ModelId(model_id))
         return slot.record() if slot else None
+
+    def with_load_detail(self, model_id: str, err: errors.HelexaError) -> errors.HelexaError:
+        """`err`, from a load of `model_id` on this node, with the engine's reason in its message (for the
+        operator and peer APIs only: the client API never shows it, it may name files). Other errors, and
+        a failure whose reason this neuron no longer holds, are returned as they are. Only the reason's
+        first line is kept, cut at `LOAD_DETAIL_MAX_CHARS` (a traceback or a dumped config says no more)."""
+        load_failure = isinstance(err, errors.ModelLoadFailed) or (
+            isinstance(err, errors.ModelUnavailable) and err.reason == "insufficient_memory"
+        )
+        record = self.record(model_id) if load_failure else None
+        if record is None or record.status != "failed" or not record.error:
+            return err
+        lines = [line.strip() for line in record.error.splitlines() if line.strip()]
+        if not lines:
+            return err
+        detail = lines[0]
+        if len(detail) > LOAD_DETAIL_MAX_CHARS:
+            detail = detail[: LOAD_DETAIL_MAX_CHARS - 3] + "..."
+        out = copy.copy(err)
+        out.message = f"{model_id} failed to load on {self._node_name}: {detail}"
+        out.args = (out.message,)
+        return out
 
     def status(self, model_id: str) -> ModelStatus | None:
         slot = self._slots.get(ModelId(model_id))
@@ -854,8 +874,6 @@ def static_devices(
 
     class _Static:
         def devices(self) -> tuple[DeviceRecord, ...]:
-            from dataclasses import replace
-
             used = used_mb() if used_mb is not None else {}
             return tuple(
                 replace(d, memory_free_mb=max(0, d.memory_total_mb - used.get(d.name, 0))) for d in devices

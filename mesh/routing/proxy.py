@@ -28,16 +28,17 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from helexa.mesh import sse
 from helexa.mesh.fleet.codec import dumps
 from helexa.mesh.gossip.auth import MeshAuth
-from helexa.mesh.gossip.exchange import PeerAddr
+from helexa.mesh.gossip.transport import PeerAddr
+from helexa.mesh.routing.peer_client import FORWARDED_HEADER
 from helexa.mesh.timing import PROXY_CONNECT_TIMEOUT_S, PROXY_STALL_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FORWARDED_HEADER", "PeerFailed", "PeerRefused", "PeerUnreachable", "ProxyError", "forward"]
 
-FORWARDED_HEADER = "X-Helexa-Forwarded"
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
 _HOP_BY_HOP = frozenset(
@@ -103,7 +104,7 @@ def _is_sse(resp: aiohttp.ClientResponse) -> bool:
 
 def _sse_error(message: str) -> bytes:
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": "peer_failed"}}
-    return b"data: " + dumps(body) + b"\n\n"
+    return sse.event(dumps(body))
 
 
 async def forward(

@@ -1,6 +1,6 @@
 """The operator and fleet API (the dashboard, `helexa status|load|unload|models`).
 
-    GET    /mesh/state                   fleet snapshot (`mesh.codec.state_to_json`; shape in mesh.records)
+    GET    /mesh/state                   fleet snapshot (`fleet.codec.state_to_json`; shape in fleet.records)
     GET    /mesh/events                  SSE: joins, leaves, suspect/dead, loads, unloads, evictions
     POST   /mesh/models/load    {"model", "node"?}   placement (or the named node); answers once loaded
     POST   /mesh/models/unload  {"model", "node"?}   from the named node, or from every node holding it
@@ -9,7 +9,7 @@
     DELETE /mesh/catalogue/{id}          remove mesh-wide (a tombstone with a higher version)
 
 Successes answer `{"message": ..., ...}`; errors the OpenAI envelope. A failed load names the engine's
-reason (`with_load_detail`: its first line, file paths included, never a traceback); the client API
+reason (`Neuron.with_load_detail`: its first line, file paths included, never a traceback); the client API
 (`/v1/*`) keeps the generic message. Reads (state, events, catalogue)
 read cached state only and are open like `/v1/models`. **With a mesh key, the changing endpoints (load,
 unload, catalogue edits) require `Authorization: Bearer <mesh key>`**; without one the mesh is open and
@@ -18,38 +18,33 @@ unload, catalogue edits) require `Authorization: Bearer <mesh key>`**; without o
 
 from __future__ import annotations
 
-import copy
-import hmac
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from helexa.catalogue import placement
-from helexa.mesh import errors
-from helexa.mesh.fleet.codec import state_to_json
-from helexa.mesh.fleet.events import sse_handler
+from helexa.catalogue.store import CatalogueEditError, InvalidEntryError, entry_to_dict
+from helexa.mesh import errors, sse
+from helexa.mesh.agent import AGENT_VERSION, Agent
+from helexa.mesh.fleet.codec import dumps, state_to_json
+from helexa.mesh.fleet.events import EventBus
 from helexa.mesh.fleet.records import NodeRecord
 from helexa.mesh.routing.neuron import REFUSAL_CODES
-from helexa.mesh.server.peer_routes import LOAD_PATH, UNLOAD_PATH, PeerCallError, call_peer
-
-if TYPE_CHECKING:
-    from helexa.mesh.agent import Agent
+from helexa.mesh.routing.peer_client import LOAD_PATH, UNLOAD_PATH, PeerCallError, call_peer
+from helexa.mesh.server.appkeys import AGENT
+from helexa.mesh.server.middleware import Handler, bearer_check, json_body_response
+from helexa.mesh.timing import EVENT_KEEPALIVE_S
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_operator_routes", "state", "with_load_detail"]
-
-# At most this much of an engine's message reaches the operator (its first line only: a message that
-# carries a traceback or a dumped config is cut to the part that says why).
-LOAD_DETAIL_MAX_CHARS = 500
+__all__ = ["add_operator_routes", "events_handler", "state"]
 
 
 def state(agent: Agent) -> dict[str, object]:
     """The `/mesh/state` document from cached state."""
-    from helexa.mesh.agent import AGENT_VERSION
-
     mesh = agent.mesh
     nodes = agent.fleet.routable_nodes()
     feasible: dict[str, tuple[str, ...]] = {
@@ -66,40 +61,16 @@ def state(agent: Agent) -> dict[str, object]:
     )
 
 
-def with_load_detail(agent: Agent, model_id: str, err: errors.HelexaError) -> errors.HelexaError:
-    """`err`, from a load of `model_id` on this node, with the engine's reason in its message (for the
-    operator and peer APIs only: the client API never shows it, it may name files). Other errors, and a
-    failure whose reason the neuron no longer holds, are returned as they are."""
-    load_failure = isinstance(err, errors.ModelLoadFailed) or (
-        isinstance(err, errors.ModelUnavailable) and err.reason == "insufficient_memory"
-    )
-    record = agent.neuron.record(model_id) if load_failure else None
-    if record is None or record.status != "failed" or not record.error:
-        return err
-    lines = [line.strip() for line in record.error.splitlines() if line.strip()]
-    if not lines:
-        return err
-    detail = lines[0]
-    if len(detail) > LOAD_DETAIL_MAX_CHARS:
-        detail = detail[: LOAD_DETAIL_MAX_CHARS - 3] + "..."
-    out = copy.copy(err)
-    out.message = f"{model_id} failed to load on {agent.config.name}: {detail}"
-    out.args = (out.message,)
-    return out
-
-
 def _message(text: str, **extra: object) -> web.Response:
     return web.json_response({"message": text, **extra})
 
 
 def _require_operator(agent: Agent, request: web.Request) -> None:
     """With a mesh key, changing endpoints need `Authorization: Bearer <mesh key>`."""
-    auth = agent.mesh.auth
     key = agent.config.mesh_key
-    if auth is None or not key:
+    if agent.mesh.auth is None or not key:
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if bearer_check(request.headers.get("Authorization", ""), (key,)) != "ok":
         raise errors.Unauthorized(
             "this mesh has a key: operator requests need 'Authorization: Bearer <mesh key>'"
         )
@@ -146,111 +117,151 @@ def _peer_error(e: PeerCallError, node: NodeRecord) -> errors.HelexaError:
         return errors.UpstreamError(f"the node {node.name} could not be reached ({e})")
 
 
+async def _call_peer(agent: Agent, node: NodeRecord, path: str, payload: Any) -> dict[str, Any]:
+    return await call_peer(agent.mesh.http, agent.mesh.auth, node, path, payload)
+
+
 async def _load_on(agent: Agent, entry_id: str, node: NodeRecord) -> dict[str, Any]:
     if node.node_id == agent.fleet.node_id:
         try:
             await agent.neuron.ensure_loaded(agent.cortex.resolve(entry_id))
         except errors.HelexaError as e:
-            raise with_load_detail(agent, entry_id, e) from None
+            raise agent.neuron.with_load_detail(entry_id, e) from None
         return {"message": f"{entry_id} is loaded on {node.name}", "node": node.name}
-    return await call_peer(agent, node, LOAD_PATH, {"model": entry_id})
+    return await _call_peer(agent, node, LOAD_PATH, {"model": entry_id})
 
 
-def add_operator_routes(app: web.Application, agent: Agent) -> None:
-    async def get_state(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=orjson.dumps(state(agent)), content_type="application/json")
+async def get_state(request: web.Request) -> web.StreamResponse:
+    return json_body_response(orjson.dumps(state(request.app[AGENT])))
 
-    async def load(request: web.Request) -> web.StreamResponse:
-        _require_operator(agent, request)
-        model, node_name = _model_and_node(await _json_body(request))
-        entry = agent.cortex.resolve(model)
-        if node_name is not None:
-            candidates = [_node(agent, node_name)]
-        else:
-            nodes = agent.fleet.routable_nodes()
-            for n in nodes:
-                m = n.model(entry.id)
-                if m is not None and m.status == "loaded":
-                    return _message(f"{entry.id} is already loaded on {n.name}", node=n.name)
-            loading = [n for n in nodes if (m := n.model(entry.id)) is not None and m.status == "loading"]
-            candidates = loading or agent.cortex.place(entry, nodes)
-            if not candidates:
-                raise errors.ModelUnavailable(
-                    f"The model '{entry.id}' cannot run on any node of the mesh",
-                    reason="infeasible",
-                    retry_after_s=None,
-                )
-        last: errors.HelexaError | None = None
-        for node in candidates:
-            try:
-                reply = await _load_on(agent, entry.id, node)
-                return _message(str(reply.get("message", f"{entry.id} loaded")), node=node.name)
-            except PeerCallError as e:
-                last = _peer_error(e, node)
-            except errors.HelexaError as e:
-                last = e
-            if last.code not in REFUSAL_CODES and last.status != 502:
-                break
-        assert last is not None
-        raise last
 
-    async def unload(request: web.Request) -> web.StreamResponse:
-        _require_operator(agent, request)
-        model, node_name = _model_and_node(await _json_body(request))
-        entry = agent.cortex.catalogue.resolve(model)
-        model_id = entry.id if entry is not None else model
-        if node_name is not None:
-            targets = [_node(agent, node_name)]
-        else:
-            targets = [n for n in agent.fleet.routable_nodes() if n.model(model_id) is not None]
-            if not targets:
-                if entry is None:
-                    raise errors.ModelNotFound(model)
-                return _message(f"{model_id} is not loaded on any node", nodes=[])
-        done: list[str] = []
-        for node in targets:
-            if node.node_id == agent.fleet.node_id:
-                if await agent.neuron.unload(model_id, reason="operator"):
-                    done.append(node.name)
-                continue
-            try:
-                reply = await call_peer(agent, node, UNLOAD_PATH, {"model": model_id})
-                if reply.get("unloaded"):
-                    done.append(node.name)
-            except PeerCallError as e:
-                raise _peer_error(e, node) from e
-        text = f"{model_id} unloaded from {', '.join(done)}" if done else f"{model_id} was not loaded there"
-        return _message(text, nodes=done)
-
-    async def get_catalogue(request: web.Request) -> web.StreamResponse:
-        entries = state(agent)["catalogue"]
-        return web.Response(
-            body=orjson.dumps({"object": "list", "data": entries}), content_type="application/json"
-        )
-
-    async def put_catalogue(request: web.Request) -> web.StreamResponse:
-        _require_operator(agent, request)
-        from helexa.catalogue.store import CatalogueEditError, InvalidEntryError, entry_to_dict
-
-        data = await _json_body(request)
+async def load(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    _require_operator(agent, request)
+    model, node_name = _model_and_node(await _json_body(request))
+    entry = agent.cortex.resolve(model)
+    if node_name is not None:
+        candidates = [_node(agent, node_name)]
+    else:
+        nodes = agent.fleet.routable_nodes()
+        for n in nodes:
+            m = n.model(entry.id)
+            if m is not None and m.status == "loaded":
+                return _message(f"{entry.id} is already loaded on {n.name}", node=n.name)
+        loading = [n for n in nodes if (m := n.model(entry.id)) is not None and m.status == "loading"]
+        candidates = loading or agent.cortex.place(entry, nodes)
+        if not candidates:
+            raise errors.ModelUnavailable(
+                f"The model '{entry.id}' cannot run on any node of the mesh",
+                reason="infeasible",
+                retry_after_s=None,
+            )
+    last: errors.HelexaError | None = None
+    for node in candidates:
         try:
-            entry = await agent.mesh.put_entry(data)
-        except (InvalidEntryError, CatalogueEditError) as e:
-            raise errors.InvalidRequest(f"the entry was refused: {e}") from e
-        return _message(f"{entry.id} saved (version {entry.version})", entry=entry_to_dict(entry))
+            reply = await _load_on(agent, entry.id, node)
+            return _message(str(reply.get("message", f"{entry.id} loaded")), node=node.name)
+        except PeerCallError as e:
+            last = _peer_error(e, node)
+        except errors.HelexaError as e:
+            last = e
+        if last.code not in REFUSAL_CODES and last.status != 502:
+            break
+    assert last is not None
+    raise last
 
-    async def delete_catalogue(request: web.Request) -> web.StreamResponse:
-        _require_operator(agent, request)
-        entry_id = request.match_info["id"]
-        entry = agent.cortex.catalogue.resolve(entry_id)
-        if entry is not None:
-            entry_id = entry.id
-        if not await agent.mesh.remove_entry(entry_id):
-            raise errors.ModelNotFound(entry_id)
-        return _message(f"{entry_id} removed from the catalogue")
 
+async def unload(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    _require_operator(agent, request)
+    model, node_name = _model_and_node(await _json_body(request))
+    entry = agent.cortex.catalogue.resolve(model)
+    model_id = entry.id if entry is not None else model
+    if node_name is not None:
+        targets = [_node(agent, node_name)]
+    else:
+        targets = [n for n in agent.fleet.routable_nodes() if n.model(model_id) is not None]
+        if not targets:
+            if entry is None:
+                raise errors.ModelNotFound(model)
+            return _message(f"{model_id} is not loaded on any node", nodes=[])
+    done: list[str] = []
+    for node in targets:
+        if node.node_id == agent.fleet.node_id:
+            if await agent.neuron.unload(model_id, reason="operator"):
+                done.append(node.name)
+            continue
+        try:
+            reply = await _call_peer(agent, node, UNLOAD_PATH, {"model": model_id})
+            if reply.get("unloaded"):
+                done.append(node.name)
+        except PeerCallError as e:
+            raise _peer_error(e, node) from e
+    text = f"{model_id} unloaded from {', '.join(done)}" if done else f"{model_id} was not loaded there"
+    return _message(text, nodes=done)
+
+
+async def get_catalogue(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    entries = state(agent)["catalogue"]
+    return json_body_response(orjson.dumps({"object": "list", "data": entries}))
+
+
+async def put_catalogue(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    _require_operator(agent, request)
+    data = await _json_body(request)
+    try:
+        entry = await agent.mesh.catalogue.put_entry(data)
+    except (InvalidEntryError, CatalogueEditError) as e:
+        raise errors.InvalidRequest(f"the entry was refused: {e}") from e
+    return _message(f"{entry.id} saved (version {entry.version})", entry=entry_to_dict(entry))
+
+
+async def delete_catalogue(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT]
+    _require_operator(agent, request)
+    entry_id = request.match_info["id"]
+    entry = agent.cortex.catalogue.resolve(entry_id)
+    if entry is not None:
+        entry_id = entry.id
+    if not await agent.mesh.catalogue.remove_entry(entry_id):
+        raise errors.ModelNotFound(entry_id)
+    return _message(f"{entry_id} removed from the catalogue")
+
+
+def events_handler(bus: EventBus, *, keepalive_s: float = EVENT_KEEPALIVE_S) -> Handler:
+    """The handler of `GET /mesh/events`: streams the bus as SSE until the client or the bus goes."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=sse.EVENTS_HEADERS)
+        await resp.prepare(request)
+        with bus.subscription() as sub:
+            try:
+                await resp.write(sse.comment("connected"))
+                while True:
+                    ev = await sub.get(timeout_s=keepalive_s)
+                    if ev is None:
+                        if sub.closed:
+                            break
+                        await resp.write(sse.KEEPALIVE)
+                        continue
+                    await resp.write(sse.event(dumps(ev.to_json())))
+            except (ConnectionResetError, ConnectionError):
+                return resp  # the client went away
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+
+    return handle
+
+
+def add_operator_routes(
+    app: web.Application, bus: EventBus, *, keepalive_s: float = EVENT_KEEPALIVE_S
+) -> None:
+    """Register the operator and fleet API; `bus` feeds `/mesh/events`."""
     app.router.add_get("/mesh/state", get_state)
-    app.router.add_get("/mesh/events", sse_handler(agent.mesh.bus, keepalive_s=agent.mesh.events_keepalive_s))
+    app.router.add_get("/mesh/events", events_handler(bus, keepalive_s=keepalive_s))
     app.router.add_post("/mesh/models/load", load)
     app.router.add_post("/mesh/models/unload", unload)
     app.router.add_get("/mesh/catalogue", get_catalogue)

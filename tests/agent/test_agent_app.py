@@ -12,10 +12,10 @@ from pytest_aiohttp import AiohttpServer
 
 from helexa.engine.base import ModelId
 from helexa.engine.fake import FakeEngine
-from helexa.mesh.agent import AGENT, build_app
+from helexa.mesh.assembly import build_app
 from helexa.mesh.config import load_config
-
-from .conftest import FAST, entry
+from helexa.mesh.server.appkeys import AGENT
+from tests.helpers.agents import FAST, entry
 
 
 @pytest.fixture

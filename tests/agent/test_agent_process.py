@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
+
+from tests.helpers.agentproc import agent_command, agent_env
 
 LISTENING = re.compile(rb"listening on (http://[\d.]+:\d+)")
 
 
 async def _start_agent(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.Process, str, list[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HELEXA_")}
-    env |= {"HOME": str(tmp_path), "HELEXA_STATE_DIR": str(tmp_path / "state")}
+    env = agent_env(tmp_path, {"HELEXA_STATE_DIR": str(tmp_path / "state")})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "helexa.mesh.cli",
+        *agent_command(),
         "agent",
         "--host",
         "127.0.0.1",
@@ -72,12 +69,9 @@ async def test_agent_process_serves_health_and_stops_on_sigterm(tmp_path: Path) 
 
 
 async def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HELEXA_")}
-    env |= {"HOME": str(tmp_path), "HELEXA_PORT": "eighty"}
+    env = agent_env(tmp_path, {"HELEXA_PORT": "eighty"})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "helexa.mesh.cli",
+        *agent_command(),
         "agent",
         env=env,
         stdout=asyncio.subprocess.PIPE,

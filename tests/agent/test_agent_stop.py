@@ -12,23 +12,13 @@ import openai
 import pytest
 
 from helexa.engine.fake import FakeEngine
-from helexa.mesh import agent as agent_module
-from helexa.mesh.agent import RunningAgent, start_agent
+from helexa.mesh import timing
 from helexa.mesh.config import load_config
-from helexa.mesh.fleet.records import DeviceRecord
-from helexa.mesh.hardware import Hardware, HardwareSnapshot
-
-from .conftest import FAST, entry
+from helexa.mesh.process import RunningAgent, start_agent
+from tests.helpers.agents import FAST, StaticHardware, entry
 
 # A stream far longer than any drain here: 200 tokens 0.05 s apart.
 LONG = entry("org/long", options={"tokens": ["x"] * 200, "token_delay_s": 0.05})
-
-
-class _Cpu(Hardware):
-    def probe(self) -> HardwareSnapshot:
-        cpu = DeviceRecord(name="cpu", kind="cpu", model="cpu", memory_total_mb=1000, memory_free_mb=1000)
-        self.last = HardwareSnapshot(devices=(cpu,), gpu_available=False, ram_total_mb=1000)
-        return self.last
 
 
 async def _agent(tmp_path: Path, drain_timeout_s: float) -> RunningAgent:
@@ -37,7 +27,11 @@ async def _agent(tmp_path: Path, drain_timeout_s: float) -> RunningAgent:
     config = load_config(argv, {"HOME": str(tmp_path)})
     engine = FakeEngine()
     return await start_agent(
-        config, engine_for=lambda e, d: engine, hardware=_Cpu(), catalogue=[LONG], neuron_timing=FAST
+        config,
+        engine_for=lambda e, d: engine,
+        hardware=StaticHardware(engine, 1000),
+        catalogue=[LONG],
+        neuron_timing=FAST,
     )
 
 
@@ -89,7 +83,7 @@ async def test_an_open_event_stream_does_not_hold_the_stop(
 ) -> None:
     """A dashboard's `/mesh/events` stream ends cleanly when the agent stops, instead of holding the
     runner's cleanup for aiohttp's whole shutdown timeout (made a minute here, so a held stop shows)."""
-    monkeypatch.setattr(agent_module, "SHUTDOWN_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(timing, "SHUTDOWN_TIMEOUT_S", 60.0)
     running = await _agent(tmp_path, drain_timeout_s=0.5)
     async with aiohttp.ClientSession() as session, session.get(f"{running.url}/mesh/events") as resp:
         assert resp.status == 200

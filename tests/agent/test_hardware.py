@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import SimpleNamespace
 
@@ -113,8 +114,6 @@ def test_nvml_devices_are_reported() -> None:
 
 
 async def test_sampler_reports_significant_changes_only() -> None:
-    import asyncio
-
     nvml = _FakeNvml([20 * 1024**3])
     hw = Hardware(nvml=nvml)
     hw.probe()

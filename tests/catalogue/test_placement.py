@@ -19,7 +19,7 @@ from helexa.catalogue.placement import (
 )
 from helexa.engine.base import ModelId
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
-from tests.strategies import (
+from tests.helpers.strategies import (
     NODE_IDS,
     SHARED_MACHINE,
     crowded_nodes_and_entries,

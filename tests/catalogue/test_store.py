@@ -13,6 +13,7 @@ import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helexa import catalogue
 from helexa.catalogue import store
 from helexa.catalogue.entry import ModelEntry
 from helexa.catalogue.store import (
@@ -30,7 +31,7 @@ from helexa.catalogue.store import (
     update_entry,
 )
 from helexa.catalogue.validate import FIELDS
-from tests.strategies import SHARED_MACHINE, model_entries, model_names
+from tests.helpers.strategies import SHARED_MACHINE, model_entries, model_names
 
 COMMENTED = """\
 # Our fleet's models.
@@ -106,8 +107,6 @@ def test_relative_sources_resolve_against_the_file_not_the_working_directory(tmp
 
 
 def test_default_catalogue_lists_the_demo_model() -> None:
-    from helexa import catalogue
-
     catalogue_obj = store.parse_catalogue_text(default_catalogue_text(), file="models.toml", base_dir=None)
     assert catalogue_obj.errors == ()
     demo = catalogue_obj.resolve("helexa/demo")

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helexa import catalogue
 from helexa.catalogue.durations import format_keep_alive, parse_keep_alive
 from helexa.catalogue.entry import DEFAULT_KEEP_ALIVE_S
 from helexa.catalogue.validate import (
@@ -19,7 +20,12 @@ from helexa.catalogue.validate import (
     parse_entry,
     validate_catalogue,
 )
-from tests.strategies import SHARED_MACHINE, fuzzed_entry_tables, keep_alive_values, valid_entry_tables
+from tests.helpers.strategies import (
+    SHARED_MACHINE,
+    fuzzed_entry_tables,
+    keep_alive_values,
+    valid_entry_tables,
+)
 
 
 def parse(table: dict[str, object], base_dir: Path | None = None):
@@ -175,8 +181,6 @@ def test_relative_local_source_resolves_against_the_catalogue_folder(tmp_path: P
 
 
 def test_builtin_source_resolves_inside_the_installed_package() -> None:
-    from helexa import catalogue
-
     package_dir = Path(catalogue.__file__).parent
     assert builtin_path("demo") == package_dir / "demo"
     entry, _problems = parse({"id": "helexa/demo", "source": "builtin:demo"})

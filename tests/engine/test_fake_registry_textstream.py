@@ -22,8 +22,7 @@ from helexa.engine.errors import ContextLengthExceeded, EngineFault, ModelSource
 from helexa.engine.fake import FakeEngine, FakeScript
 from helexa.engine.registry import choose_engine, create_engine, is_mlc_source
 from helexa.engine.textstream import StopStringMatcher
-
-from .helpers import collect, user_request
+from tests.helpers.engine import collect, user_request
 
 
 def spec(**options: object) -> LoadSpec:

@@ -17,8 +17,7 @@ from helexa.engine.base import (
 from helexa.engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
 from helexa.engine.mlc_engine import MLCEngine, MLCModel
 from helexa.engine.registry import mlc_available
-
-from .helpers import collect, user_request
+from tests.helpers.engine import collect, user_request
 
 FAKE_WORKER = "tests.engine.fake_mlc_worker"
 

@@ -20,8 +20,7 @@ from helexa.engine.streaming import (
     completion_budget,
     validate_sampling,
 )
-
-from .helpers import user_request
+from tests.helpers.engine import user_request
 
 FINAL = Final(usage=Usage(prompt_tokens=1, completion_tokens=2), finish_reason="stop")
 

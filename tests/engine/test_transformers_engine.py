@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helexa.engine.base import (
     Delta,
@@ -31,9 +35,9 @@ from helexa.engine.errors import (
     TransientLoadError,
 )
 from helexa.engine.transformers_engine import TransformersEngine, TransformersModel, _Detokenizer
+from tests.helpers.engine import collect, collect_deltas, user_request
 
 from .conftest import load_sync
-from .helpers import collect, collect_deltas, user_request
 
 HELLO = "Hello there, how are you?"
 
@@ -44,9 +48,6 @@ def chat(**sampling: Any) -> GenerationRequest:
 
 def hf_greedy(path: Path, request_text: str, max_new_tokens: int) -> tuple[str, int]:
     """Reference: transformers' own `generate`, greedy, on the same weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     ids = tokenizer.encode(request_text, add_special_tokens=False)
@@ -76,8 +77,6 @@ async def test_greedy_matches_transformers_generate(
 ) -> None:
     """The hand-written loop produces exactly what `model.generate` produces, and the streamed deltas
     concatenate to the text of all generated ids decoded at once."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     rendered = str(
         tokenizer.apply_chat_template(
@@ -433,16 +432,12 @@ def test_second_load_is_independent(tiny_model_dir: Path, tiny_model: Transforme
 
 @pytest.fixture
 def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.mark.usefixtures("hub_offline")
 async def test_repo_id_loads_from_the_hf_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A repo id resolves through `snapshot_download` into the HF cache (here pre-populated, offline)."""
-    import shutil
-
     snapshot = tmp_path / "models--helexa--tiny" / "snapshots" / "0123abcd"
     shutil.copytree(tiny_model_dir, snapshot)
     (tmp_path / "models--helexa--tiny" / "refs").mkdir()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from helexa.tui.fleet import ConnectionStatus, FleetEvent, FleetState
 from helexa.tui.source import HttpFleetSource, OperatorError, backoff_s
-from tests.ops.fake_agent import CALLS, make_agent
+from tests.helpers.fake_agent import CALLS, make_agent
+from tests.helpers.polling import eventually
+from tests.helpers.ports import free_port
 
 
 class Sink:
@@ -28,19 +29,13 @@ class Sink:
         self.connection.append(status)
 
 
-async def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - the sink is a plain callback object, polled
-            await asyncio.sleep(0.01)
-
-
 async def test_polls_state_and_follows_events(aiohttp_server) -> None:
     server = await aiohttp_server(make_agent())
     source = HttpFleetSource(f"http://127.0.0.1:{server.port}", poll_interval_s=0.02, backoff_initial_s=0.01)
     sink = Sink()
     task = asyncio.create_task(source.run(sink))
     try:
-        await wait_for(lambda: sink.states and len(sink.events) >= 2)
+        await eventually(lambda: sink.states and len(sink.events) >= 2, timeout_s=5.0, interval_s=0.01)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -55,14 +50,16 @@ async def test_polls_state_and_follows_events(aiohttp_server) -> None:
 
 
 async def test_reconnecting_with_backoff_when_agent_is_away() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     source = HttpFleetSource(f"http://127.0.0.1:{port}", backoff_initial_s=0.01, backoff_max_s=0.02)
     sink = Sink()
     task = asyncio.create_task(source.run(sink))
     try:
-        await wait_for(lambda: sum(c.state == "reconnecting" for c in sink.connection) >= 3)
+        await eventually(
+            lambda: sum(c.state == "reconnecting" for c in sink.connection) >= 3,
+            timeout_s=5.0,
+            interval_s=0.01,
+        )
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -1,0 +1,496 @@
+"""The inference request path of the HTTP edge: `/v1/chat/completions` and `/v1/completions`.
+
+Flow of an inference request: read and parse the body (`mesh.server.openai_wire`) → optional API-key
+check (`mesh.server.middleware.authorize_client`) → `cortex.route(model, forwarded=<FORWARDED_HEADER
+present>)` → a `LocalDecision` is served here (its `acquire()` cold-loads if needed and holds an in-flight
+reservation), a `RemoteDecision` goes to the `FORWARDER` the mesh provides (`mesh.routing.forwarding`).
+Streams start lazily: if `acquire()` (or the prefill) takes longer than one keep-alive interval the SSE
+response is started and `: keep-alive` comments flow until the first token, so a fast failure still gets
+its real HTTP status, and a slow load never lets a client's idle timer fire. After the stream started, a
+failure is sent as a final `data: {"error": ...}` event (no `[DONE]`). Closing the engine's generator (on
+every exit path, client disconnect included) aborts the request inside the engine.
+
+Every request ends in one log line and its metrics (`_record`); `end_requests` ends what still runs when
+the agent stops after its drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from aiohttp import web
+
+from helexa.engine.base import (
+    ChatMessage,
+    Delta,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    RequestId,
+    SamplingParams,
+)
+from helexa.engine.base import Final as FinalEvent
+from helexa.mesh import sse
+from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
+from helexa.mesh.metrics import Route
+from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
+from helexa.mesh.routing.peer_client import FORWARDED_HEADER
+from helexa.mesh.server import openai_wire
+from helexa.mesh.server.appkeys import CORTEX, FORWARDER, KEEPALIVE_INTERVAL_S, METRICS, NODE_NAME
+from helexa.mesh.server.middleware import authorize_client, json_body_response, to_helexa_error
+from helexa.mesh.timing import SSE_KEEPALIVE_INTERVAL_S
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLIENT_CLOSED_STATUS",
+    "OPEN_REQUESTS",
+    "OpenRequests",
+    "chat_completions",
+    "completions",
+    "end_requests",
+]
+
+# `status` label of a request whose client went away before the answer was complete (as nginx does).
+CLIENT_CLOSED_STATUS: Final = 499
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(kw_only=True, slots=True)
+class OpenRequests:
+    """The inference requests this app is serving (their handler tasks), so a stop can end the ones a
+    drain did not see finish (`end_requests`) at once instead of waiting out aiohttp's shutdown timeout
+    twice. `stopping` tells a cancelled stream to say why in a final error event."""
+
+    tasks: set[asyncio.Task[object]] = dataclasses.field(default_factory=set)
+    stopping: bool = False
+
+
+OPEN_REQUESTS: Final[web.AppKey[OpenRequests]] = web.AppKey("helexa_open_requests", OpenRequests)
+
+
+async def end_requests(app: web.Application, *, timeout_s: float = 1.0) -> int:
+    """Cancel every inference request still running (after the drain): streams get a final error event
+    saying the agent is shutting down. Waits at most `timeout_s` for them; returns how many there were."""
+    open_requests = app.get(OPEN_REQUESTS)
+    if open_requests is None or not open_requests.tasks:
+        return 0
+    open_requests.stopping = True
+    tasks = list(open_requests.tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=timeout_s)
+    return len(tasks)
+
+
+def _stopping(request: web.Request) -> bool:
+    open_requests = request.app.get(OPEN_REQUESTS)
+    return open_requests is not None and open_requests.stopping
+
+
+async def _aclose(events: AsyncIterator[GenerationEvent]) -> None:
+    """Close the engine's generator: aborts the request inside the engine if it is still running."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while we were writing to it."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write, telling a client that has gone (aiohttp raises ConnectionResetError) from any other error."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        raise _ClientGone() from exc
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> bool:
+    """Write; False when the client has gone (then there is nobody to tell)."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        logger.debug("client gone while writing: %r", exc)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference endpoints
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Job:
+    """What an inference request asks for, whichever endpoint it came through."""
+
+    kind: Kind
+    model: str
+    sampling: openai_wire.SamplingOverrides
+    stream: bool
+    include_usage: bool
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class _Outcome:
+    """Filled in while a request is served; becomes the metrics and the one log line."""
+
+    kind: Kind
+    started: float
+    model: str = "-"  # the resolved catalogue id; never the raw client string (label cardinality)
+    route: Route = "local"
+    node: str | None = None
+    source: Literal["client", "peer"] = "client"  # peer: forwarded here by the entry agent
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "completion")
+
+
+async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
+    outcome = _Outcome(kind=kind, started=time.perf_counter())
+    open_requests = request.app.get(OPEN_REQUESTS)
+    task = asyncio.current_task()
+    if open_requests is not None and task is not None:
+        open_requests.tasks.add(task)
+    try:
+        response = await _serve(request, kind, outcome)
+        if outcome.status == 200:
+            outcome.status = response.status
+        return response
+    except asyncio.CancelledError:
+        # The client went away, or the agent ended the request at shutdown (`end_requests`).
+        outcome.status = 503 if _stopping(request) else CLIENT_CLOSED_STATUS
+        raise
+    except Exception as exc:
+        err = to_helexa_error(exc)
+        outcome.status = err.status
+        if err is exc:
+            raise
+        raise err from exc
+    finally:
+        if open_requests is not None and task is not None:
+            open_requests.tasks.discard(task)
+        _record(request, outcome)
+
+
+def _record(request: web.Request, outcome: _Outcome) -> None:
+    duration_s = time.perf_counter() - outcome.started
+    request.app[METRICS].observe_request(
+        model=outcome.model,
+        route=outcome.route,
+        status=outcome.status,
+        duration_s=duration_s,
+        node=outcome.node,
+    )
+    # One line per request (logfmt-like, so journald and log shippers can split it). A forwarded request
+    # is logged by both agents: the entry agent (route=forwarded, node = the serving node; tokens and
+    # TTFT are the serving agent's to count, "-" here) and the serving one (route=local source=peer).
+    forwarded = outcome.route == "forwarded"
+    logger.info(
+        "%s model=%s route=%s node=%s source=%s status=%d prompt_tokens=%s completion_tokens=%s"
+        " ttft_ms=%s duration_ms=%.1f",
+        outcome.kind,
+        outcome.model,
+        outcome.route,
+        outcome.node or "-",
+        outcome.source,
+        outcome.status,
+        "-" if forwarded else outcome.prompt_tokens,
+        "-" if forwarded else outcome.completion_tokens,
+        "-" if outcome.ttft_s is None else f"{outcome.ttft_s * 1000:.1f}",
+        duration_s * 1000,
+    )
+
+
+def _parse(kind: Kind, body: bytes) -> _Job:
+    if kind == "chat":
+        chat = openai_wire.parse_chat_request(body)
+        return _Job(
+            kind=kind,
+            model=chat.model,
+            sampling=chat.sampling,
+            stream=chat.stream,
+            include_usage=chat.include_usage,
+            messages=chat.messages,
+        )
+    completion = openai_wire.parse_completion_request(body)
+    return _Job(
+        kind=kind,
+        model=completion.model,
+        sampling=completion.sampling,
+        stream=completion.stream,
+        include_usage=completion.include_usage,
+        prompt=completion.prompt,
+    )
+
+
+def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: int | None) -> SamplingParams:
+    """Request values over catalogue defaults; `max_tokens` checked against the context length.
+
+    A client asking for more tokens than the context holds gets a 400 naming its field; a catalogue
+    default larger than the context becomes "until the context is full" (None), which is what it meant.
+    """
+    params = openai_wire.resolve_sampling(job.sampling, defaults)
+    if context_length and params.max_tokens is not None and params.max_tokens > context_length:
+        if job.sampling.max_tokens is not None:
+            name = job.sampling.max_tokens_param
+            raise InvalidRequest(
+                f"'{name}' is {params.max_tokens}, more than this model's context length "
+                f"({context_length} tokens).",
+                param=name,
+                code="context_length_exceeded",
+            )
+        params = dataclasses.replace(params, max_tokens=None)
+    return params
+
+
+def _fit_to_model(
+    job: _Job, decision: LocalDecision, generation: GenerationRequest, context_length: int
+) -> GenerationRequest:
+    """Check `max_tokens` again against the loaded model's own context length (known only now)."""
+    if context_length <= 0 or context_length == decision.entry.context_length:
+        return generation
+    sampling = _sampling_for(job, decision.entry.defaults, context_length)
+    return dataclasses.replace(generation, sampling=sampling)
+
+
+async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.StreamResponse:
+    authorize_client(request)
+    body = await request.read()
+    job = _parse(kind, body)
+    cortex = request.app[CORTEX]
+    from_peer = FORWARDED_HEADER in request.headers
+    if from_peer:
+        outcome.source = "peer"
+    decision = cortex.route(job.model, forwarded=from_peer)
+    outcome.model = decision.entry.id
+    if isinstance(decision, RemoteDecision):
+        return await _forward(request, decision, body, outcome)
+    outcome.node = request.app.get(NODE_NAME)
+    cold = getattr(decision, "cold", None)
+    if not isinstance(cold, bool):
+        listing = cortex.get_model(decision.entry.id)
+        cold = listing is None or not listing.loaded
+    sampling = _sampling_for(job, decision.entry.defaults, decision.entry.context_length)
+    generation = GenerationRequest(
+        request_id=RequestId(
+            openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
+        ),
+        sampling=sampling,
+        prompt=job.prompt,
+        messages=job.messages,
+    )
+    if job.stream:
+        return await _stream(
+            request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+        )
+    return await _collect(
+        request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+    )
+
+
+async def _forward(
+    request: web.Request, decision: RemoteDecision, body: bytes, outcome: _Outcome
+) -> web.StreamResponse:
+    outcome.route = "forwarded"
+    outcome.node = decision.node.name
+    forwarder = request.app.get(FORWARDER)
+    if forwarder is None:
+        raise ModelUnavailable(
+            f"the model '{decision.entry.id}' is served by another node and this agent cannot forward",
+            reason="no_forwarder",
+        )
+    return await forwarder(request, decision, body)
+
+
+class _Timing:
+    """Time to first token and inter-token latency for one request, straight into the metrics."""
+
+    __slots__ = ("cold", "last", "metrics", "model", "outcome")
+
+    def __init__(self, request: web.Request, outcome: _Outcome, cold: bool) -> None:
+        self.metrics = request.app[METRICS]
+        self.outcome = outcome
+        self.model = outcome.model
+        self.cold = cold
+        self.last: float | None = None
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.outcome.ttft_s = now - self.outcome.started
+            self.metrics.observe_ttft(model=self.model, cold=self.cold, seconds=self.outcome.ttft_s)
+        else:
+            self.metrics.observe_inter_token(model=self.model, seconds=now - self.last)
+        self.last = now
+
+    def done(self, final: FinalEvent) -> None:
+        self.outcome.prompt_tokens = final.usage.prompt_tokens
+        self.outcome.completion_tokens = final.usage.completion_tokens
+        self.metrics.add_tokens(
+            model=self.model, prompt=final.usage.prompt_tokens, completion=final.usage.completion_tokens
+        )
+
+
+async def _collect(
+    request: web.Request,
+    *,
+    job: _Job,
+    decision: LocalDecision,
+    generation: GenerationRequest,
+    cold: bool,
+    outcome: _Outcome,
+) -> web.StreamResponse:
+    timing = _Timing(request, outcome, cold)
+    pieces: list[str] = []
+    final: FinalEvent | None = None
+    async with decision.acquire() as model:
+        generation = _fit_to_model(job, decision, generation, model.context_length)
+        events = model.generate(generation)
+        try:
+            async for event in events:
+                if isinstance(event, Delta):
+                    if event.text:
+                        timing.token()
+                        pieces.append(event.text)
+                else:
+                    final = event
+        finally:
+            await _aclose(events)
+    if final is None:
+        raise ModelFault("the model ended without a result")
+    timing.done(final)
+    builder = openai_wire.chat_completion if job.kind == "chat" else openai_wire.text_completion
+    return json_body_response(
+        builder(
+            id=generation.request_id,
+            model=decision.entry.id,
+            created=int(time.time()),
+            text="".join(pieces),
+            finish_reason=final.finish_reason,
+            usage=final.usage,
+        )
+    )
+
+
+async def _stream(
+    request: web.Request,
+    *,
+    job: _Job,
+    decision: LocalDecision,
+    generation: GenerationRequest,
+    cold: bool,
+    outcome: _Outcome,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=sse.HEADERS)
+    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
+    timing = _Timing(request, outcome, cold)
+    chat = job.kind == "chat"
+    ident, model_id, created = generation.request_id, decision.entry.id, int(time.time())
+
+    async def start() -> None:
+        if not response.prepared:
+            await response.prepare(request)
+
+    def chunk(text: str | None, finish: FinishReason | None = None, role: bool = False) -> bytes:
+        if chat:
+            data = openai_wire.chat_chunk(
+                id=ident, model=model_id, created=created, content=text, role=role, finish_reason=finish
+            )
+        else:
+            data = openai_wire.completion_chunk(
+                id=ident, model=model_id, created=created, text=text or "", finish_reason=finish
+            )
+        return sse.event(data)
+
+    async def fail(exc: Exception) -> web.StreamResponse:
+        err = to_helexa_error(exc)
+        outcome.status = err.status
+        logger.warning("stream %s failed after it started: %s", ident, err.message)
+        await _write_quietly(response, sse.error_event(err))
+        return response
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), keep-alives.
+            try:
+                async with sse.keepalive(start, response.write, interval_s):
+                    model = await stack.enter_async_context(decision.acquire())
+                    generation = _fit_to_model(job, decision, generation, model.context_length)
+                    events = model.generate(generation)
+                    stack.push_async_callback(_aclose, events)
+                    first = await anext(events, None)
+            except Exception as exc:
+                if not response.prepared:
+                    raise  # nothing sent yet: the middleware answers with the real status
+                return await fail(exc)
+
+            # Phase 2: stream.
+            try:
+                try:
+                    await start()
+                except ConnectionError as exc:
+                    raise _ClientGone() from exc
+                if chat:
+                    await _write(response, chunk("", role=True))
+                event = first
+                final: FinalEvent | None = None
+                while event is not None:
+                    if isinstance(event, Delta):
+                        if event.text:
+                            timing.token()
+                            await _write(response, chunk(event.text))
+                    else:
+                        final = event
+                        break
+                    event = await anext(events, None)
+                if final is None:
+                    raise ModelFault("the model ended without a result")
+                timing.done(final)
+                await _write(response, chunk(None if chat else "", finish=final.finish_reason))
+                if job.include_usage:
+                    usage_chunk = openai_wire.chat_usage_chunk if chat else openai_wire.completion_usage_chunk
+                    await _write(
+                        response,
+                        sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
+                    )
+                await _write(response, sse.DONE)
+            except _ClientGone as exc:
+                logger.debug("stream %s: client gone: %r", ident, exc)
+                outcome.status = CLIENT_CLOSED_STATUS
+                return response
+            except Exception as exc:
+                return await fail(exc)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+    except asyncio.CancelledError:
+        if response.prepared and _stopping(request):
+            # Ended by the agent's stop after the drain: tell the client why before the connection closes.
+            await _write_quietly(
+                response,
+                sse.error_event(
+                    ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
+                ),
+            )
+        raise

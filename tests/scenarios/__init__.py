@@ -1,0 +1,1 @@
+"""Multi-agent, end-to-end, netns and packaging scenarios."""
