@@ -17,7 +17,7 @@ import logging
 import platform
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import psutil
 import pynvml  # nvidia-ml-py: cheap to import; the driver is loaded only by nvmlInit
 
 from helexa.mesh.fleet.records import DeviceRecord
+from helexa.mesh.logs import QuietLog
 from helexa.mesh.timing import HARDWARE_SAMPLE_INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Hardware:
         self._no_gpu_reason: str | None = None
         self._driver_version: str | None = None
         self._cuda_version: str | None = None
-        self._warned_sample_error = False
+        self._sample_errors = QuietLog()
         self._cpu_brand: str | None = None
         self.last: HardwareSnapshot | None = None
 
@@ -183,9 +184,8 @@ class Hardware:
                 try:
                     devices = self._gpu_devices()
                 except Exception as e:
-                    if not self._warned_sample_error:
-                        self._warned_sample_error = True
-                        log.warning("NVML sample failed (%s); keeping the last sample", _decode(e))
+                    level = self._sample_errors.level("nvml")
+                    log.log(level, "NVML sample failed (%s); keeping the last sample", _decode(e))
                     if self.last is not None and self.last.gpu_available:
                         return self.last
             gpu = bool(devices)
@@ -245,8 +245,3 @@ class Hardware:
                     self._nvml.nvmlShutdown()
                 self._nvml = None
                 self._initialised = False
-
-
-def with_free_memory(devices: tuple[DeviceRecord, ...], free_mb: dict[str, int]) -> tuple[DeviceRecord, ...]:
-    """Devices with their free memory overridden (what tests and simulations use)."""
-    return tuple(replace(d, memory_free_mb=free_mb.get(d.name, d.memory_free_mb)) for d in devices)

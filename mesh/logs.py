@@ -1,7 +1,10 @@
-"""The agent's logging: plain lines, colour only on a terminal, syslog priority prefixes under journald.
+"""The agent's logging: plain lines, colour only on a terminal, syslog priority prefixes under journald;
+and the one "log once, then quietly" helper.
 
 Handlers are configured only here, by the entry point (`mesh.process.main`); every module logs through
-`logging.getLogger(__name__)` with lazy %-style arguments.
+`logging.getLogger(__name__)` with lazy %-style arguments. A condition that repeats (a peer that keeps
+failing, a stranger without the mesh key retrying every second, a flapping peer) is logged once at
+warning, then at debug (`QuietLog`, after zeroconf's `QuietLogger`).
 """
 
 from __future__ import annotations
@@ -9,10 +12,52 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-__all__ = ["configure_logging"]
+__all__ = ["QuietLog", "configure_logging"]
+
+# Keys a `QuietLog` remembers before it forgets them all (memory stays bounded whatever a stranger sends;
+# at worst a warning is repeated).
+QUIET_LOG_MAX_KEYS = 4096
+
+
+class QuietLog:
+    """Decides the level of a repeated message: `level` the first time for a key, debug after that.
+
+    With `quiet_s` the key is loud again once that long has passed since its last loud message (a peer
+    that flaps once a day is reported each time); without, it stays quiet until `reset(key)` (the
+    condition ended: the next failure is news again).
+    """
+
+    def __init__(
+        self,
+        *,
+        level: int = logging.WARNING,
+        quiet_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.loud_level = level
+        self.quiet_s = quiet_s
+        self._clock = clock
+        self._loud_at: dict[Hashable, float] = {}
+
+    def level(self, key: Hashable) -> int:
+        """The level to log `key`'s message at now (remembering a loud one)."""
+        now = self._clock()
+        last = self._loud_at.get(key)
+        if last is not None and (self.quiet_s is None or now - last < self.quiet_s):
+            return logging.DEBUG
+        if len(self._loud_at) >= QUIET_LOG_MAX_KEYS:
+            self._loud_at.clear()
+        self._loud_at[key] = now
+        return self.loud_level
+
+    def reset(self, key: Hashable) -> None:
+        """The condition behind `key` ended: its next message is loud again."""
+        self._loud_at.pop(key, None)
+
 
 # syslog priorities (what journald reads from a `<N>` line prefix) of the logging levels.
 _SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}

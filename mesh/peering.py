@@ -37,11 +37,12 @@ from helexa.mesh.discovery import SERVICE_TYPE, Discovery, GpuSummary
 from helexa.mesh.fleet.catalogue import CatalogueView, LocalCatalogue, MeshCatalogue
 from helexa.mesh.fleet.events import Event, EventBus, EventKind, membership_event, record_events
 from helexa.mesh.fleet.membership import MembershipEvent
-from helexa.mesh.fleet.records import NodeId, NodeRecord
+from helexa.mesh.fleet.records import NodeRecord
 from helexa.mesh.fleet.view import Fleet
 from helexa.mesh.gossip.auth import MeshAuth
 from helexa.mesh.gossip.exchange import Gossip
 from helexa.mesh.gossip.transport import HttpTransport, PeerAddr
+from helexa.mesh.logs import QuietLog
 from helexa.mesh.metrics import Metrics, PeerState
 from helexa.mesh.routing.cortex import MeshCortex
 from helexa.mesh.routing.neuron import Neuron, NeuronEvent
@@ -100,8 +101,7 @@ class PeerStateLog:
 
     def __init__(self, *, quiet_s: float = PEER_LOG_QUIET_S, clock: Callable[[], float] = time.monotonic):
         self.quiet_s = quiet_s
-        self._clock = clock
-        self._warned: dict[tuple[str, str], float] = {}
+        self._warnings = QuietLog(quiet_s=quiet_s, clock=clock)
 
     def level(self, ev: MembershipEvent) -> int:
         """The level `ev` is logged at (and remember a warning)."""
@@ -109,15 +109,7 @@ class PeerStateLog:
         if kind is None:
             joined = ev.previous is None and ev.current in ("alive", "suspect")
             return logging.INFO if joined else logging.DEBUG
-        now = self._clock()
-        key = (str(ev.node_id), kind)
-        last = self._warned.get(key)
-        if last is not None and now - last < self.quiet_s:
-            return logging.DEBUG
-        if len(self._warned) > 4096:
-            self._warned.clear()
-        self._warned[key] = now
-        return logging.WARNING
+        return self._warnings.level((str(ev.node_id), kind))
 
     @staticmethod
     def _kind(ev: MembershipEvent) -> str | None:
@@ -410,7 +402,3 @@ class MeshRuntime:
                 await self.neuron.ensure_loaded(entry)
             except Exception as e:
                 log.warning("preloading %s failed: %s", entry.id, e)
-
-    def node_id_of(self, name_or_id: str) -> NodeId | None:
-        record = self.fleet.node(name_or_id)
-        return record.node_id if record is not None else None

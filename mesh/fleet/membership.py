@@ -202,9 +202,6 @@ class FailureDetector:
                 )
         return forgotten
 
-    def forget(self, node_id: NodeId) -> None:
-        self._peers.pop(node_id, None)
-
     def liveness(self, node_id: NodeId) -> Liveness | None:
         if node_id == self.self_id:
             return "alive"

@@ -31,8 +31,8 @@ from helexa.mesh.fleet.codec import node_to_dict
 from helexa.mesh.fleet.records import NodeId, NodeRecord
 
 __all__ = [
-    "Delta",
     "Digest",
+    "DigestDiff",
     "DigestEntry",
     "View",
     "apply_heartbeats",
@@ -98,19 +98,15 @@ def digest(view: View) -> dict[NodeId, DigestEntry]:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Delta:
+class DigestDiff:
     """What one side sends the other after comparing digests."""
 
     records: tuple[NodeRecord, ...] = ()  # they lack this (generation, version): the full record
     heartbeats: tuple[tuple[NodeId, int, int, int], ...] = ()  # same (gen, version), their heartbeat behind
     wanted: tuple[NodeId, ...] = ()  # ids where they are ahead of me (or I lack the node)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.records or self.heartbeats or self.wanted)
 
-
-def diff(mine: View, their_digest: Digest) -> Delta:
+def diff(mine: View, their_digest: Digest) -> DigestDiff:
     """Compare my view with their digest."""
     records: list[NodeRecord] = []
     heartbeats: list[tuple[NodeId, int, int, int]] = []
@@ -126,7 +122,7 @@ def diff(mine: View, their_digest: Digest) -> Delta:
         have = mine.get(nid)
         if have is None or tuple(theirs) > order_key(have):
             wanted.append(nid)
-    return Delta(records=tuple(records), heartbeats=tuple(heartbeats), wanted=tuple(wanted))
+    return DigestDiff(records=tuple(records), heartbeats=tuple(heartbeats), wanted=tuple(wanted))
 
 
 def apply_heartbeats(

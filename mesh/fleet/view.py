@@ -230,11 +230,6 @@ class Fleet:
         self._draining = draining
         self.rebuild()
 
-    def set_left(self) -> None:
-        self._left = True
-        self._draining = True
-        self.rebuild()
-
     # --- peers -------------------------------------------------------------------------------------
 
     def nodes(self) -> list[NodeRecord]:

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
 from aiohttp.typedefs import Middleware
 
+from helexa.mesh.logs import QuietLog
 from helexa.mesh.timing import AUTH_MAX_SKEW_S, NONCE_CACHE_SIZE
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ NONCE_HEADER = "X-Helexa-Nonce"
 SIGNATURE_HEADER = "X-Helexa-Signature"
 PEER_PATH_PREFIX = "/mesh/peer/"
 _MAX_NONCE_CHARS = 64
-_MAX_LOGGED_PEERS = 1024
 
 
 class AuthError(Exception):
@@ -157,26 +157,6 @@ class MeshAuth:
             raise AuthError("bad or missing reply signature")
 
 
-class _LogOnce:
-    """Warn once per remote, then log at debug: a misconfigured peer retries every second."""
-
-    def __init__(self) -> None:
-        self._warned: set[str] = set()
-
-    def __call__(self, remote: str, reason: str, path: str) -> None:
-        if remote not in self._warned and len(self._warned) < _MAX_LOGGED_PEERS:
-            self._warned.add(remote)
-            log.warning(
-                "refusing unauthenticated peer request from %s to %s: %s (mesh key missing or different?"
-                " further refusals from it are logged at debug)",
-                remote,
-                path,
-                reason,
-            )
-        else:
-            log.debug("refusing unauthenticated peer request from %s to %s: %s", remote, path, reason)
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -187,7 +167,7 @@ def peer_auth_middleware(auth: MeshAuth | None, *, prefix: str = PEER_PATH_PREFI
     are signed for the requester. Reads the body (`request.read()`, cached for the handler), so the app's
     `client_max_size` bounds it.
     """
-    log_once = _LogOnce()
+    refusals = QuietLog()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -197,7 +177,19 @@ def peer_auth_middleware(auth: MeshAuth | None, *, prefix: str = PEER_PATH_PREFI
         try:
             nonce = auth.verify(request.method, request.raw_path, body, request.headers)
         except AuthError as e:
-            log_once(request.remote or "?", e.reason, request.path)
+            remote = request.remote or "?"
+            level = refusals.level(remote)
+            # A misconfigured peer retries every second: warn once per remote, then at debug.
+            log.log(
+                level,
+                "refusing unauthenticated peer request from %s to %s: %s%s",
+                remote,
+                request.path,
+                e.reason,
+                " (mesh key missing or different? further refusals from it are logged at debug)"
+                if level > logging.DEBUG
+                else "",
+            )
             return web.json_response(
                 {
                     "error": {

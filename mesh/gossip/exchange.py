@@ -82,6 +82,7 @@ from helexa.mesh.fleet.merge import (
 )
 from helexa.mesh.fleet.records import Liveness, NodeId, NodeRecord
 from helexa.mesh.gossip.transport import GossipError, PeerAddr, Transport
+from helexa.mesh.logs import QuietLog
 from helexa.mesh.timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, SEED_BACKOFF_MAX_S, MeshTiming
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Gossip:
         self._seeds: dict[PeerAddr, _Seed] = {s: _Seed() for s in seeds}
         self._tombstones: dict[NodeId, tuple[DigestEntry, float]] = {}
         self._record_listeners: list[RecordListener] = []
-        self._warned: set[str] = set()
+        self._failures = QuietLog()  # per peer address: a failing peer is warned about once
         self._leaving = False
         # members(view) and its hash, recomputed only when a node is added, dropped or changes generation
         # (every such change goes through `_membership_changed`); heartbeat and version moves keep it.
@@ -334,15 +335,11 @@ class Gossip:
             if seed is not None:
                 seed.backoff_s = 0.0
                 seed.next_try_at = 0.0
-            self._warned.discard(str(addr))
+            self._failures.reset(str(addr))
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
-        if key in self._warned:
-            log.debug(msg, *args)
-        else:
-            if len(self._warned) < 4096:
-                self._warned.add(key)
-            log.warning(msg + " (repeats are logged at debug)", *args)
+        level = self._failures.level(key)
+        log.log(level, msg + (" (repeats are logged at debug)" if level > logging.DEBUG else ""), *args)
 
     # --- initiator ----------------------------------------------------------------------------------
 

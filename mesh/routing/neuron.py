@@ -142,7 +142,6 @@ class _Slot:
     tokens_per_s: float | None = None
     requests_total: int = 0
     ttft_s: float | None = None
-    loaded_at: float = 0.0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self) -> ModelRecord:
@@ -428,7 +427,6 @@ class Neuron:
         slot.client_error = None
         slot.consecutive_failures = 0
         slot.memory_mb = _measured_mb(model.memory, entry.memory_mb)
-        slot.loaded_at = time.time()
         slot.last_used = time.time()
         slot.last_used_mono = time.monotonic()
         if slot.in_flight == 0:
