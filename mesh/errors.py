@@ -15,10 +15,10 @@
         └── ModelFault             500 server_error      the model broke mid-request (EngineFault)
 
 Every message is client-safe: it never carries stack traces, file paths or internal hostnames. Callers
-raise these; `mesh.server.error_middleware` turns them into responses (one place), and after a stream
-has started the handler sends `mesh.sse.error_event(exc)` instead. Foreign exceptions are translated at
-the boundary: `from_engine_error` maps `engine.errors` (RequestError → 400 with its param and code,
-EngineFault → 500 "model failed", load errors → 503).
+raise these; `mesh.server.middleware.error_middleware` turns them into responses (one place), and after
+a stream has started the handler sends `mesh.sse.error_event(exc)` instead. Foreign exceptions are
+translated at the boundary: `from_engine_error` maps `engine.errors` (RequestError → 400 with its param
+and code, EngineFault → 500 "model failed", load errors → 503).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ version, or forged. Anything that is not exactly the expected shape (wrong types
 out-of-range numbers, oversized strings or lists, bad JSON) raises `CodecError` and nothing else, so the
 gossip handler can drop the record (or the message) and carry on.
 
-The node dict is the one `GET /mesh/state` shows (see `mesh.records`), keyed `"id"` for the node id, plus
-`"mesh"`, `"left"` and `"catalogue"` on the wire. `state_to_json` builds the whole `/mesh/state` document.
+The node dict is the one `GET /mesh/state` shows (see `mesh.fleet.records`), keyed `"id"` for the node
+id, plus `"mesh"`, `"left"` and `"catalogue"` on the wire. `state_to_json` builds the whole `/mesh/state`
+document (the agent's and the dashboard's fake agent's alike).
 
 Compact gossip digests (`mesh.gossip`) carry vectors of integers as one short string (`encode_ints` /
 `decode_ints`): each value zigzag-encoded (sign folded in) and written 5 bits per character, least
@@ -442,10 +443,10 @@ def state_to_json(
     catalogue: Iterable[Mapping[str, object]],
     feasible_on: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, object]:
-    """The `GET /mesh/state` document (shape in `mesh.records`' docstring).
+    """The `GET /mesh/state` document (shape in `mesh.fleet.records`' docstring).
 
     `nodes`: every known record with its liveness as this agent sees it (own record included).
-    `catalogue`: the mesh-wide catalogue (`mesh.merge.mesh_catalogue`), entries as dicts with "version".
+    `catalogue`: the mesh-wide catalogue (`mesh.fleet.merge.mesh_catalogue`), entries as dicts with "version".
     `feasible_on`: model id → node names where placement finds it feasible (from `catalogue.placement`);
     models missing from it get `[]`. `locations` is derived here from the node records (dead and left
     nodes excluded).

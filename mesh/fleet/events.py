@@ -1,4 +1,4 @@
-"""The in-process event bus behind `GET /mesh/events`, and its SSE handler.
+"""The in-process event bus behind `GET /mesh/events` (served by `mesh.server.operator_routes`).
 
 Producers (membership, gossip record changes, the neuron's loads) call `bus.publish(event)`; it never
 blocks and never fails. Each subscriber has a bounded queue: one that falls behind loses its *oldest*

@@ -82,7 +82,7 @@ class FailureDetector:
         self._listeners.append(fn)
 
     def _emit(self, ev: MembershipEvent) -> None:
-        # Debug only: operators read joins, deaths and leaves from `mesh.runtime.PeerStateLog` (once per
+        # Debug only: operators read joins, deaths and leaves from `mesh.peering.PeerStateLog` (once per
         # change, flapping quieted); an info line here repeated each of them.
         log.debug(
             "peer %s (%s): %s -> %s%s",

@@ -16,8 +16,8 @@ loading, loaded, failed, unloading or gone, load progress, memory moving signifi
 draining) is published at once and carries the pending counts with it. `live_record` is always current
 (it is what routing reads for this node); `self_record` is the last published version.
 
-Peers' records arrive through gossip (`mesh.gossip` merges into `peers` with `mesh.merge`); their
-liveness comes from a pluggable function (`mesh.membership.FailureDetector.liveness`), defaulting to
+Peers' records arrive through gossip (`mesh.gossip` merges into `peers` with `mesh.fleet.merge`); their
+liveness comes from a pluggable function (`mesh.fleet.membership.FailureDetector.liveness`), defaulting to
 "alive" for every known peer. `routable_nodes()` is what routing chooses among: this node unless it is
 draining, plus every alive or suspect peer that is not draining or leaving, and not *avoided*.
 

@@ -1,1 +1,7 @@
-"""TODO"""
+"""Gossip between agents.
+
+- `exchange`  — `Gossip`: push-pull anti-entropy of node records (compact digests, repair, graceful leave).
+- `transport` — `PeerAddr`, `HttpTransport` and `gossip_handler` (`POST /mesh/peer/gossip`),
+                `InMemoryNetwork` for tests and the simulation.
+- `auth`      — the mesh key: HMAC-signed peer requests and replies, replay protection, the middleware.
+"""

@@ -5,7 +5,7 @@ Every `interval` an agent bumps its own heartbeat, ticks the failure detector, a
 (with backoff), plus now and then one dead peer so that a healed partition converges again.
 
 Protocol 2, compact digests (the normal case). Positions are the view's nodes sorted by id
-(`mesh.merge.members`); both sides agree on them when their membership hashes agree:
+(`mesh.fleet.merge.members`); both sides agree on them when their membership hashes agree:
 
     A → B  csyn  {mh, n, t, hb: "…", ver: "…"}        mh: hash of A's (id, generation) set; hb, ver: A's
                                                        heartbeats and versions, one short string each
@@ -19,7 +19,7 @@ Protocol 2, compact digests (the normal case). Positions are the view's nodes so
 
 Heartbeats go as residuals from `t - generation // 1000` (t chosen by A as the median of
 `heartbeat + generation // 1000`): generations are start times in ms and heartbeats count seconds since
-start, so live nodes' residuals are small and cost one or two characters (`mesh.codec.encode_ints`). The
+start, so live nodes' residuals are small and cost one or two characters (`mesh.fleet.codec.encode_ints`). The
 decoding is exact whatever the values; only the size depends on that guess. At 50 agents a steady-state
 exchange is ~400 B of bodies where the explicit digest was ~3.5 KB (numbers: `scripts/bench_gossip_sim.py`).
 
@@ -91,7 +91,7 @@ __all__ = ["PROTOCOL_VERSION", "Gossip", "GossipStats"]
 
 PROTOCOL_VERSION = 2
 MAX_DIGEST_ENTRIES = 100_000
-_CONTENT_HASH_CHARS = 8  # mesh.merge.content_hash
+_CONTENT_HASH_CHARS = 8  # mesh.fleet.merge.content_hash
 _MAX_INT = 2**63 - 1
 
 

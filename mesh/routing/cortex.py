@@ -1,4 +1,4 @@
-"""The cortex role: `mesh.routing.Cortex` over the fleet view, the catalogue and the local neuron.
+"""The cortex role: `mesh.routing.decisions.Cortex` over the fleet view, the catalogue and the local neuron.
 
 `route()` reads cached state only (the fleet's records, the catalogue in memory) and follows the
 routing steps of the mission, in order, so peers slot in without a new structure:

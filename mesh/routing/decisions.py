@@ -1,4 +1,4 @@
-"""Routing: the cortex role. Decides, per request, who serves it.
+"""Routing decisions: the contract between the HTTP edge and the cortex (who serves a request).
 
 The HTTP edge (`mesh.server`) talks only to a `Cortex`:
 

@@ -5,8 +5,8 @@
 The request goes to the peer's `/mesh/peer<original path>` (signed with the mesh key when there is one)
 with `X-Helexa-Forwarded: 1`, so the target serves it locally and never routes it again: it cold-loads
 if needed (its own single-flight joins concurrent loads) and streams keep-alive comments while loading.
-`mesh.proxy.forward` passes the bytes through with connect and stall timeouts, never a total one, and a
-client that goes away closes the upstream connection, which cancels the work there.
+`mesh.routing.proxy.forward` passes the bytes through with connect and stall timeouts, never a total
+one, and a client that goes away closes the upstream connection, which cancels the work there.
 
 Failures:
 - the peer cannot be reached (nothing ran there): it is avoided in routing (`Fleet.avoid`) and the next

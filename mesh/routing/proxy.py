@@ -7,7 +7,7 @@
 - Timeouts bound *connect* and *stall* (no bytes for `stall_timeout_s`), never the total: a long answer
   is never cut while it is still flowing.
 - `X-Helexa-Forwarded: 1` is set so the target serves locally and never routes again; with a mesh key the
-  request is signed (`mesh.auth`).
+  request is signed (`mesh.gossip.auth`).
 - Failures before anything reached the client raise typed errors the caller maps: `PeerUnreachable`
   (could not connect: nothing ran there, try the next candidate) and `PeerFailed` (connected, but the
   peer failed, stalled or vanished before its response began). `PeerRefused` when the peer answered with

@@ -172,7 +172,7 @@ def test_self_is_always_alive_and_never_tracked():
 
 
 def test_transitions_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
-    """Joins, deaths and leaves are the runtime's to report (`mesh.runtime.PeerStateLog`, once, with
+    """Joins, deaths and leaves are the runtime's to report (`mesh.peering.PeerStateLog`, once, with
     quieting); the detector's own line about them is debug, so operators never read each twice."""
     caplog.set_level(logging.DEBUG, logger="helexa.mesh.fleet.membership")
     clock, det, events = _setup()

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 CATALOGUE = Path(__file__).with_name("models.toml")
 MESSAGES: Any = [{"role": "user", "content": "hello"}]
-# The agent's bound on closing connections after the drain (mesh.agent.SHUTDOWN_TIMEOUT_S) plus start-up
+# The agent's bound on closing connections after the drain (mesh.timing.SHUTDOWN_TIMEOUT_S) plus start-up
 # slack of a loaded machine: what "at once" may take at most here.
 AT_ONCE_S = 5.0
 # The failure detector's dead_after (mesh.timing.DEAD_AFTER_S) plus a round: a silently vanished peer
