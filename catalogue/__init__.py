@@ -5,7 +5,8 @@
 - `durations` — `keep_alive` values (`"1h30m"`, seconds, `0`, `-1`).
 - `store`     — `load_catalogue`, `Catalogue.resolve`, tomlkit edits that keep comments
                 (`add_entry`, `update_entry`, `remove_entry`), `ensure_catalogue`, `entry_to_dict` /
-                `entry_from_dict` for gossip, `merge_catalogues` for the mesh-wide view.
+                `entry_from_dict` for gossip (the mesh-wide merge is
+                `helexa.mesh.fleet.merge.newest_entries`).
 - `placement` — pure feasibility, eviction and placement over node views (the shapes of
                 `helexa.mesh.fleet.records`).
 
@@ -36,7 +37,6 @@ from .store import (
     entry_from_dict,
     entry_to_dict,
     load_catalogue,
-    merge_catalogues,
     parse_catalogue_text,
     remove_entry,
     update_entry,
@@ -68,7 +68,6 @@ __all__ = [
     "format_keep_alive",
     "infeasible_reason",
     "load_catalogue",
-    "merge_catalogues",
     "parse_catalogue_text",
     "parse_entry",
     "parse_keep_alive",

@@ -10,7 +10,7 @@ replaces the file atomically (temp file, fsync, `os.replace`). Edits are strict:
 with any problem, warnings included, is refused with `CatalogueEditError`, so typos never reach the file.
 
 Every function here is synchronous; the agent calls the file-touching ones through `asyncio.to_thread`.
-`entry_to_dict`, `entry_from_dict` and `merge_catalogues` are pure (apart from resolving `builtin:` paths).
+`entry_to_dict` and `entry_from_dict` are pure (apart from resolving `builtin:` paths).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ __all__ = [
     "entry_from_dict",
     "entry_to_dict",
     "load_catalogue",
-    "merge_catalogues",
     "parse_catalogue_text",
     "remove_entry",
     "update_entry",
@@ -223,20 +222,6 @@ def entry_from_dict(data: Mapping[str, object], *, origin: str = "peer") -> Mode
 
 def _canonical(entry: ModelEntry) -> str:
     return json.dumps(entry_to_dict(entry), sort_keys=True, separators=(",", ":"))
-
-
-def merge_catalogues(*lists: Iterable[ModelEntry]) -> list[ModelEntry]:
-    """The mesh-wide catalogue: per id the entry with the highest version; on equal versions the one whose
-    canonical JSON sorts last (arbitrary but the same on every agent). Sorted by id. Pure; commutative,
-    associative and idempotent."""
-    best: dict[str, tuple[int, str, ModelEntry]] = {}
-    for entries in lists:
-        for entry in entries:
-            candidate = (entry.version, _canonical(entry), entry)
-            current = best.get(entry.id)
-            if current is None or candidate[:2] > current[:2]:
-                best[entry.id] = candidate
-    return [best[key][2] for key in sorted(best)]
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fanout", type=int, default=None, help="override the new mode's fanout")
     args = ap.parse_args(argv)
-    logging.getLogger("helexa.mesh").setLevel(logging.ERROR)  # the failure-detection step cuts links on purpose
+    # The failure-detection step cuts links on purpose: no warnings for that.
+    logging.getLogger("helexa.mesh").setLevel(logging.ERROR)
     new_timing = DEFAULT_TIMING
     if args.fanout is not None:
         new_timing = dataclasses.replace(new_timing, gossip_fanout=args.fanout)

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from helexa.mesh.hardware import Hardware
+from tests.helpers.polling import eventually
 
 
 class _NoDriver:
@@ -125,10 +126,7 @@ async def test_sampler_reports_significant_changes_only() -> None:
         await asyncio.sleep(0.1)
         assert changes == []  # nothing moved
         nvml.free[0] -= 4 * 1024**3  # a model was loaded
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if changes:
-                break
+        await eventually(lambda: changes, timeout_s=1.0, interval_s=0.01, what="a sampled change")
         assert changes == [16 * 1024]
     finally:
         task.cancel()

@@ -26,7 +26,6 @@ from helexa.catalogue.store import (
     entry_from_dict,
     entry_to_dict,
     load_catalogue,
-    merge_catalogues,
     remove_entry,
     update_entry,
 )
@@ -362,40 +361,11 @@ def test_entry_from_dict_rejects_bad_peers() -> None:
     assert entry_from_dict({"id": "m", "engine": "fake", "future_field": 1}).id == "m"
 
 
-_small_entries = st.lists(
-    model_entries(ids=st.sampled_from(["a", "b", "c"]), versions=st.integers(1, 3)), max_size=5
-)
-
-
-def _canon(entries: list[ModelEntry]) -> list[str]:
-    return [json.dumps(entry_to_dict(e), sort_keys=True) for e in entries]
-
-
-@SHARED_MACHINE
-@given(_small_entries, _small_entries, _small_entries)
-def test_merge_is_commutative_associative_idempotent(a, b, c) -> None:
-    assert _canon(merge_catalogues(a, b)) == _canon(merge_catalogues(b, a))
-    assert _canon(merge_catalogues(merge_catalogues(a, b), c)) == _canon(
-        merge_catalogues(a, merge_catalogues(b, c))
-    )
-    assert _canon(merge_catalogues(a, a)) == _canon(merge_catalogues(a))
-    assert _canon(merge_catalogues(merge_catalogues(a))) == _canon(merge_catalogues(a))
-
-
-@SHARED_MACHINE
-@given(_small_entries, _small_entries)
-def test_merge_keeps_the_highest_version_per_id(a, b) -> None:
-    merged = merge_catalogues(a, b)
-    assert [e.id for e in merged] == sorted({e.id for e in a + b})
-    for entry in merged:
-        assert entry.version == max(e.version for e in a + b if e.id == entry.id)
-        assert entry in a + b
-
-
 @SHARED_MACHINE
 @given(st.lists(model_entries(), max_size=6), st.lists(model_names(), max_size=5))
 def test_catalogue_resolves_ids_before_aliases(entries, probes) -> None:
-    catalogue = Catalogue.from_entries(merge_catalogues(entries))
+    newest = {e.id: e for e in sorted(entries, key=lambda e: e.version)}  # one entry per id
+    catalogue = Catalogue.from_entries([newest[k] for k in sorted(newest)])
     for entry in catalogue:
         assert catalogue.resolve(entry.id) is entry
     for name in probes:

@@ -1,4 +1,5 @@
-"""`mesh.fleet.catalogue.LocalCatalogue`: how an agent writes entries it adopts from the mesh to its own file."""
+"""`mesh.fleet.catalogue.LocalCatalogue`: how an agent writes entries it adopts from the mesh to its own
+file."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.store import entry_to_dict
 from helexa.mesh.fleet.merge import (
     apply_heartbeats,
     content_hash,
@@ -17,10 +19,11 @@ from helexa.mesh.fleet.merge import (
     merge,
     mesh_catalogue,
     newer,
+    newest_entries,
     order_key,
 )
 from helexa.mesh.fleet.records import NodeId, NodeRecord
-from tests.helpers.strategies import views, wire_node_records
+from tests.helpers.strategies import SHARED_MACHINE, model_entries, views, wire_node_records
 
 
 @given(views(), views())
@@ -124,3 +127,54 @@ def test_content_hash_ignores_only_the_heartbeat(r):
     assert content_hash(dataclasses.replace(r, heartbeat=r.heartbeat + 1)) == content_hash(r)
     assert content_hash(dataclasses.replace(r, name=r.name + "x")) != content_hash(r)
     assert len(content_hash(r)) == 8
+
+
+# --- the catalogue merge (`newest_entries`): the one function the mesh-wide catalogue comes from --------
+
+_small_entries = st.lists(
+    model_entries(ids=st.sampled_from(["a", "b", "c"]), versions=st.integers(1, 3)), max_size=5
+)
+
+
+def _holding(entries: list[dict[str, object]]) -> NodeRecord:
+    """A node record whose catalogue holds `entries` (gossip form)."""
+    return NodeRecord(
+        node_id=NodeId("n"),
+        name="n",
+        generation=1,
+        version=1,
+        heartbeat=0,
+        address="10.0.0.1",
+        port=1,
+        catalogue=tuple(entries),
+    )
+
+
+def _node(entries: list[ModelEntry]) -> NodeRecord:
+    return _holding([entry_to_dict(e) for e in entries])
+
+
+def _merged(newest: dict[str, dict[str, object]]) -> NodeRecord:
+    return _holding(list(newest.values()))
+
+
+@SHARED_MACHINE
+@given(_small_entries, _small_entries, _small_entries)
+def test_catalogue_merge_is_commutative_associative_idempotent(a, b, c) -> None:
+    na, nb, nc = _node(a), _node(b), _node(c)
+    assert newest_entries([na, nb]) == newest_entries([nb, na])
+    assert newest_entries([_merged(newest_entries([na, nb])), nc]) == newest_entries(
+        [na, _merged(newest_entries([nb, nc]))]
+    )
+    assert newest_entries([na, na]) == newest_entries([na])
+    assert newest_entries([_merged(newest_entries([na]))]) == newest_entries([na])
+
+
+@SHARED_MACHINE
+@given(_small_entries, _small_entries)
+def test_catalogue_merge_keeps_the_highest_version_per_id(a, b) -> None:
+    merged = newest_entries([_node(a), _node(b)])
+    assert sorted(merged) == sorted({e.id for e in a + b})
+    for eid, entry in merged.items():
+        assert entry["version"] == max(e.version for e in a + b if e.id == eid)
+        assert entry in [entry_to_dict(e) for e in a + b]

@@ -14,6 +14,7 @@ from helexa.mesh.fleet.view import Fleet
 from helexa.mesh.routing.cortex import MeshCortex
 from helexa.mesh.routing.decisions import RemoteDecision
 from tests.helpers.agents import entry
+from tests.helpers.polling import eventually
 
 from .conftest import Rig
 
@@ -220,10 +221,9 @@ async def test_held_back_counters_are_published_within_the_interval(rig: Rig) ->
         m = fleet.self_record.model("a")
         return m is not None and m.requests_total == n
 
-    deadline = asyncio.get_running_loop().time() + 5.0
-    while not published(6):
-        assert asyncio.get_running_loop().time() < deadline, "the held-back counters were never published"
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: published(6), timeout_s=5.0, interval_s=0.01, what="the held-back counters to be published"
+    )
     fleet.close()
 
 

@@ -1,5 +1,6 @@
 """The dashboard's parsers against what the agent's own code emits (no fakes in between): an event made by
-`mesh.fleet.events` and a state document made by `mesh.fleet.codec.state_to_json` read as the agent means them."""
+`mesh.fleet.events` and a state document made by `mesh.fleet.codec.state_to_json` read as the agent
+means them."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ MIB = 1024 * 1024
 UTILIZATION = 0.25
 
 
-# The metrics tests' agents are the fleet tests' agents, with a cpu device that reports a utilisation.
+# The metrics tests' agents are `tests.helpers.agents`' agents, with a cpu device that reports a utilisation.
 Node = Member
 
 

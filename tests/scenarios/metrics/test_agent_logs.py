@@ -280,7 +280,8 @@ async def test_a_process_logs_plain_lines_at_the_level_asked(tmp_path: Path) -> 
     text = err.decode()
     assert " DEBUG " in text and " INFO " in text  # the env's level took effect
     assert re.search(
-        r" INFO helexa\.mesh\.server\.inference: chat model=- route=local node=- source=client status=404 ", text
+        r" INFO helexa\.mesh\.server\.inference: chat model=- route=local node=- source=client status=404 ",
+        text,
     ), text
     for line in text.splitlines():
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ", line) or (
