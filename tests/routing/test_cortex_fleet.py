@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -208,8 +209,14 @@ async def test_count_only_changes_wait_status_changes_do_not(rig: Rig) -> None:
 async def test_held_back_counters_are_published_within_the_interval(rig: Rig) -> None:
     fleet = Fleet(initial=_node("m-self", "self"), models=rig.neuron.records, counts_interval_s=0.05)
     rig.neuron.on_change.append(fleet.mark_changed)
+    last_published = [time.monotonic()]
+    fleet.subscribe(lambda _record: last_published.__setitem__(0, time.monotonic()))
     await rig.neuron.ensure_loaded(entry("a"))
-    await asyncio.sleep(0.1)  # a quiet spell longer than the interval
+    # A quiet spell longer than the interval, counted from the last publication (a deferred publish of the
+    # load's own count changes may land late on a busy machine).
+    await eventually(
+        lambda: time.monotonic() - last_published[0] > 0.1, timeout_s=5.0, interval_s=0.01, what="quiet"
+    )
     version = fleet.self_record.version
     # The first count change after a quiet spell goes out at once...
     await _requests(rig, "a", 1)
