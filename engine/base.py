@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NewType, Protocol, runtime_checkable
+from typing import Any, Literal, NewType, Protocol, runtime_checkable
 
 ModelId = NewType("ModelId", str)
 RequestId = NewType("RequestId", str)
@@ -37,6 +37,24 @@ class ChatMessage:
     name: str | None = None
 
 
+@runtime_checkable
+class TokenConstraint(Protocol):
+    """The sampling pipeline's mask hook, applied per sequence inside a batch.
+
+    `mask(logits)` gets the sequence's logits row (a 1-D tensor over the vocabulary, on the model's
+    device) and sets the scores of tokens that are not allowed next to `-inf`, in place. `accept(token)`
+    is called with each token chosen. `done` is true once the constraint is complete (the generation
+    ends with `finish_reason` "stop").
+    """
+
+    def mask(self, logits: Any) -> None: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SamplingParams:
     """Sampling controls. `temperature == 0` means greedy; `top_k == 0` means no top-k cut.
@@ -48,9 +66,26 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Tokens whose probability is below `min_p` times the most likely token's are dropped (0 = off).
+    min_p: float = 0.0
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    # Token ids that end the generation like EOS does (in addition to the model's own EOS).
+    stop_token_ids: tuple[int, ...] = ()
+    # OpenAI's penalties on tokens already generated: `presence` once per token seen, `frequency` per
+    # occurrence (both subtracted from the logit, range -2..2); `repetition` (vLLM/HF, > 0, 1 = off)
+    # divides positive and multiplies negative logits of tokens in the prompt or the output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # (token id, bias) pairs added to the logits before sampling (-100 bans a token, 100 forces it).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Keep generating past EOS (benchmarks; vLLM's `ignore_eos`): only max_tokens or a stop ends it.
+    ignore_eos: bool = False
+    # A constrained-decoding hook (structured output, tool calls): masks the logits before each sample
+    # and is told every token chosen. Not part of equality (it is per-request state).
+    constraint: TokenConstraint | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,6 +141,9 @@ class LoadSpec:
     revision: str | None = None
     quant: str | None = None
     context_length: int | None = None
+    # The memory the catalogue gives this model (weights plus KV cache), in MB; None = unknown. An
+    # engine that batches keeps its KV cache inside what is left after the weights.
+    memory_mb: int | None = None
     cache_dir: Path | None = None
     # Engine-specific extras (the fake engine reads its script from here).
     options: dict[str, object] = field(default_factory=dict)

@@ -27,6 +27,7 @@ torch and transformers are imported only inside `load` (and the threads it start
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import inspect
@@ -59,6 +60,7 @@ from .base import (
     Usage,
 )
 from .errors import (
+    ContextLengthExceeded,
     EngineError,
     EngineFault,
     InsufficientMemory,
@@ -107,6 +109,16 @@ _DTYPES = {
 _MEASURE_LOCK = threading.Lock()
 
 CancelReason = Literal["client", "abort", "unload"]
+
+# Sequences decoding together at most. Past ~16 a CPU gains little per added row (the step is bound by
+# matmul width), and every row adds latency to all the others.
+MAX_BATCH_SEQUENCES = 32
+# Prompt tokens fed per prefill step: a long prompt is interleaved with decode steps of the running
+# batch in chunks this size, so it delays the others by one chunk's forward pass at a time.
+PREFILL_CHUNK_TOKENS = 256
+# KV cache the batch may use when the catalogue gives no memory_mb for the model (never "a share of all
+# RAM"): enough for a few dozen short conversations on the small models a CPU serves.
+DEFAULT_KV_BUDGET_MB = 512
 
 
 def is_device_fault(exc: BaseException) -> bool:
@@ -193,51 +205,56 @@ class _Runtime:
         self.eos_ids = eos_ids
         self.vocab_limit = vocab_limit
         params = inspect.signature(model.forward).parameters
-        # transformers 5.24 renamed `past_key_values` to `cache`; accept both (5.17 to 5.24).
+        # transformers 5.24 renamed `past_key_values` to `cache`; accept both (5.17 to 5.25).
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.has_logits_to_keep = "logits_to_keep" in params
+        # The longest text one token can stand for (characters of its vocabulary entry): a text longer
+        # than `context_length * max_token_chars` cannot fit the context, whatever it says, so it is
+        # refused before the tokenizer ever sees it (issue: a 15 MB prompt took 4-6 GB to tokenize).
+        vocab = tokenizer.get_vocab()
+        self.max_token_chars = max((len(piece) for piece in vocab), default=1) + 1
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache  # noqa: PLC0415 -- lazy: transformers imports torch
 
         return DynamicCache(config=self.model.config)
 
-    def forward(self, input_ids: Any, cache: Any) -> Any:
-        """Run the model on `input_ids` (shape [1, n]) extending `cache`; return the last logits [V]."""
+    def forward(self, inputs: dict[str, Any], cache: Any) -> Any:
+        """Run the model on `inputs` (`input_ids` of shape [B, n], plus a batch's attention mask and
+        positions) extending `cache`; return each row's last logits [B, V]."""
         kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
         if self.has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[0, -1, : self.vocab_limit]
+        out = self.model(**inputs, **kwargs)
+        return out.logits[:, -1, : self.vocab_limit]
 
-    def sample(self, logits: Any, sampling: SamplingParams, generator: Any) -> int:
-        import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
+    def sample(self, logits: Any, rows: list[Any]) -> list[int]:
+        """The next token of every row (`engine.sampling.sample`)."""
+        from .sampling import sample  # noqa: PLC0415 -- lazy: imports torch
 
-        if sampling.temperature == 0:
-            return int(torch.argmax(logits).item())
-        scores = logits.float() / sampling.temperature
-        if 0 < sampling.top_k < scores.numel():
-            kth = torch.topk(scores, sampling.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        if sampling.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            probs = torch.softmax(sorted_scores, dim=-1)
-            # Drop a token when the tokens before it already reach top_p (the first always stays).
-            drop = (torch.cumsum(probs, dim=-1) - probs) > sampling.top_p
-            sorted_scores = sorted_scores.masked_fill(drop, -math.inf)
-            scores = torch.full_like(scores, -math.inf).scatter(0, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+        return sample(logits, rows)
 
-    def generator(self, seed: int | None) -> Any:
-        import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
-        gen = torch.Generator(device=self.device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        return gen
+@dataclass(eq=False, kw_only=True)
+class _Seq:
+    """A request inside the inference thread: prefilling (own cache) or decoding (a row of the batch)."""
+
+    job: _Job
+    row: Any  # engine.sampling.RowState
+    detok: _Detokenizer
+    stops: StopStringMatcher
+    max_new: int
+    cache: Any = None  # while prefilling
+    prefilled: int = 0
+    completion: int = 0
+    last: int = 0  # the token fed at the next decode step
+    finish: FinishReason | None = None
+    stopped: bool = False  # a stop string or token ended it (no flush of held-back text)
+
+    @property
+    def reserve(self) -> int:
+        """KV positions this sequence may come to hold (prompt plus the whole completion budget)."""
+        return len(self.job.prompt_ids) + self.max_new
 
 
 class TransformersModel:
@@ -250,11 +267,22 @@ class TransformersModel:
         runtime: _Runtime,
         context_length: int,
         memory: MemoryReport,
+        kv_budget_tokens: int | None = None,
+        max_batch: int = MAX_BATCH_SEQUENCES,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ) -> None:
         self._model_id = model_id
         self._runtime: _Runtime | None = runtime
         self._context_length = context_length
         self._memory = memory
+        # KV positions the running batch may hold (rows x padded length); None = no bound but the batch
+        # size. Requests that do not fit wait (`waiting`), in arrival order.
+        self.kv_budget_tokens = kv_budget_tokens
+        self.max_batch = max(1, max_batch)
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.peak_kv_tokens = 0  # the most KV positions the batch ever held (tests, the bench)
+        self.peak_batch = 0
+        self.waiting = 0  # requests admitted to the thread but not yet prefilling (the budget is full)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._in_flight: InFlight[_Job] = InFlight()
         self._fault: str | None = None
@@ -335,6 +363,19 @@ class TransformersModel:
         validate_sampling(request.sampling)
         tokenizer = runtime.tokenizer
         param = check_input(request)
+        # Bounded before any tokenizing: a text longer than the context could hold at the longest
+        # token per position is refused by its length alone.
+        chars = (
+            len(request.prompt or "")
+            if request.messages is None
+            else sum(len(m.content) for m in request.messages)
+        )
+        if chars > self._context_length * runtime.max_token_chars:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self._context_length} tokens; the "
+                f"{'prompt' if param == 'prompt' else 'messages'} ({chars} characters) cannot fit in it",
+                param=param,
+            )
         if request.messages is not None:
             if not request.messages:
                 raise RequestError("messages must not be empty", param="messages")
@@ -369,101 +410,245 @@ class TransformersModel:
         )
         return ids
 
-    # -- the inference thread --------------------------------------------------------------------
+    # -- the inference thread: one scheduler loop owns the batch ----------------------------------
 
     def _serve(self) -> None:
         import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            if self._closing or self._runtime is None:
-                job.send(EngineError(f"model {self._model_id} was unloaded"))
-                continue
-            if self._fault is not None:
-                job.send(EngineFault(f"model {self._model_id} is failed: {self._fault}"))
-                continue
-            if job.cancel.is_set():
-                job.send(
-                    Final(
-                        usage=Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=0),
-                        finish_reason="stop",
+        from .kvbatch import BatchCache, batchable  # noqa: PLC0415 -- lazy: imports torch
+        from .sampling import RowState, new_generator  # noqa: PLC0415 -- lazy: imports torch
+
+        waiting: collections.deque[_Job] = collections.deque()
+        prefilling: _Seq | None = None
+        running: list[_Seq] = []
+        batch: BatchCache | None = None
+        closing = False
+        with torch.inference_mode():
+            while True:
+                # 1. Take what arrived: wait only when there is nothing else to do.
+                idle = not waiting and prefilling is None and not running
+                while True:
+                    try:
+                        job = self._queue.get(block=idle)
+                    except queue.Empty:
+                        break
+                    idle = False
+                    if job is None:
+                        closing = True
+                        break
+                    waiting.append(job)
+                rt = self._runtime
+                if closing or self._closing or rt is None:
+                    break
+                # 2. A faulted model answers everything with the fault; cancelled requests end now.
+                if self._fault is not None:
+                    fault = EngineFault(f"model {self._model_id} is failed: {self._fault}")
+                    for seq in (*running, *([prefilling] if prefilling else [])):
+                        seq.job.send(fault)
+                    for job in waiting:
+                        job.send(fault)
+                    waiting.clear()
+                    running, prefilling, batch = [], None, None
+                    continue
+                for job in [j for j in waiting if j.cancel.is_set()]:
+                    waiting.remove(job)
+                    self._finish_cancelled(job, completion=0)
+                if prefilling is not None and prefilling.job.cancel.is_set():
+                    self._finish_cancelled(prefilling.job, completion=0)
+                    prefilling = None
+                gone = [i for i, seq in enumerate(running) if seq.job.cancel.is_set()]
+                if gone and batch is not None:
+                    for i in gone:
+                        self._finish_cancelled(running[i].job, completion=running[i].completion)
+                    keep = [i for i in range(len(running)) if i not in gone]
+                    batch.keep(keep)
+                    running = [running[i] for i in keep]
+                # 3. Admit the next waiting request if the batch has room for it.
+                if prefilling is None and waiting and self._fits(running, waiting[0]):
+                    job = waiting.popleft()
+                    max_new = completion_budget(
+                        n_prompt=len(job.prompt_ids),
+                        max_tokens=job.sampling.max_tokens,
+                        context_length=self._context_length,
                     )
-                )
-                continue
-            try:
-                with torch.inference_mode():
-                    self._run(self._runtime, job)
-            except Exception as exc:
-                if is_device_fault(exc):
-                    self._fault = f"{type(exc).__name__}: {exc}"
-                    log.error("model %s faulted during generation: %s", self._model_id, exc)
-                    job.send(EngineFault(f"model {self._model_id} failed: {exc}"))
-                else:
-                    log.exception("generation failed on %s", self._model_id)
-                    job.send(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-        # Unload: whatever is still queued gets an answer rather than hanging.
+                    row = RowState(
+                        sampling=job.sampling,
+                        generator=None
+                        if job.sampling.temperature == 0
+                        else new_generator(rt.device, job.sampling.seed),
+                        prompt_ids=job.prompt_ids,
+                    )
+                    prefilling = _Seq(
+                        job=job,
+                        row=row,
+                        detok=_Detokenizer(rt.raw_tokenizer),
+                        stops=StopStringMatcher(job.sampling.stop),
+                        max_new=max_new,
+                        cache=rt.new_cache(),
+                    )
+                self.waiting = len(waiting)
+                # 4. One chunk of the prefilling request's prompt (a long prompt never stalls the batch
+                # for long); its first token once the whole prompt is in.
+                if prefilling is not None:
+                    seq = prefilling
+                    try:
+                        first = self._prefill_chunk(rt, seq)
+                    except Exception as exc:
+                        self._failed(exc, [seq])
+                        prefilling = None
+                        first = None
+                    if first is not None:
+                        prefilling = None
+                        self._advance(rt, seq, first)
+                        if seq.finish is None:
+                            if batch is None:
+                                batch = BatchCache(rt.device)
+                            if running and not batchable(seq.cache):
+                                # Sliding-window or other special caches cannot share a batch: this
+                                # model decodes one sequence at a time.
+                                self.max_batch = 1
+                            batch.join(seq.cache, len(seq.job.prompt_ids))
+                            seq.cache = None
+                            running.append(seq)
+                            if not batchable(batch.cache):
+                                self.max_batch = 1
+                        else:
+                            self._end(seq)
+                # 5. One decode step for every running sequence.
+                if running and batch is not None:
+                    try:
+                        inputs = batch.step_inputs([seq.last for seq in running])
+                        self.peak_kv_tokens = max(self.peak_kv_tokens, batch.rows * batch.length)
+                        self.peak_batch = max(self.peak_batch, batch.rows)
+                        logits = rt.forward(inputs, batch.cache)
+                        tokens = rt.sample(logits, [seq.row for seq in running])
+                    except Exception as exc:
+                        self._failed(exc, running)
+                        running, batch = [], None
+                        continue
+                    done: list[int] = []
+                    for i, (seq, token) in enumerate(zip(running, tokens, strict=True)):
+                        self._advance(rt, seq, token)
+                        if seq.finish is not None:
+                            done.append(i)
+                            self._end(seq)
+                    if done:
+                        keep = [i for i in range(len(running)) if i not in done]
+                        batch.keep(keep)
+                        running = [running[i] for i in keep]
+                        if not running:
+                            batch = None
+        # Unload: whatever is still here gets an answer rather than hanging.
+        unloaded = EngineError(f"model {self._model_id} was unloaded")
+        during = EngineError(f"model {self._model_id} was unloaded during generation")
+        for seq in (*running, *([prefilling] if prefilling else [])):
+            seq.job.send(during)
+        for job in waiting:
+            job.send(unloaded)
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.send(EngineError(f"model {self._model_id} was unloaded"))
+                job.send(unloaded)
 
-    def _run(self, rt: _Runtime, job: _Job) -> None:
+    def _fits(self, running: list[_Seq], job: _Job) -> bool:
+        """Whether `job` may start now: always when nothing runs; else within the batch size and the KV
+        budget, counted as padded rows (rows x the longest possible sequence)."""
+        if not running:
+            return True
+        if len(running) + 1 > self.max_batch:
+            return False
+        if self.kv_budget_tokens is None:
+            return True
+        reserve = len(job.prompt_ids) + completion_budget(
+            n_prompt=len(job.prompt_ids),
+            max_tokens=job.sampling.max_tokens,
+            context_length=self._context_length,
+        )
+        longest = max([reserve, *(seq.reserve for seq in running)])
+        return (len(running) + 1) * longest <= self.kv_budget_tokens
+
+    def _prefill_chunk(self, rt: _Runtime, seq: _Seq) -> int | None:
+        """Feed the next chunk of `seq`'s prompt into its cache; return its first token once the whole
+        prompt is in (None before)."""
         import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
-        sampling = job.sampling
-        n_prompt = len(job.prompt_ids)
-        max_new = completion_budget(
-            n_prompt=n_prompt, max_tokens=sampling.max_tokens, context_length=self._context_length
-        )
-        generator = rt.generator(sampling.seed)
-        detok = _Detokenizer(rt.raw_tokenizer)
-        stops = StopStringMatcher(sampling.stop)
-        cache = rt.new_cache()
-        finish: FinishReason = "length"
-        completion = 0
+        ids = seq.job.prompt_ids
+        chunk = ids[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
+        logits = rt.forward({"input_ids": torch.tensor([chunk], device=rt.device)}, seq.cache)
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(ids):
+            return None
+        return rt.sample(logits, [seq.row])[0]
 
-        def emit(text: str) -> bool:
-            out, stopped = stops.feed(text)
+    def _advance(self, rt: _Runtime, seq: _Seq, token: int) -> None:
+        """`token` was chosen for `seq`: emit its text, decide whether the sequence ends."""
+        seq.completion += 1
+        seq.row.accept(token)
+        sampling = seq.job.sampling
+        if (token in rt.eos_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+            seq.finish = "stop"
+            return
+        text = seq.detok.step(token)
+        if text:
+            out, stopped = seq.stops.feed(text)
             if out:
-                job.send(Delta(text=out))
-            return stopped
-
-        logits = rt.forward(torch.tensor([job.prompt_ids], device=rt.device), cache)
-        stopped = False
-        while completion < max_new and not job.cancel.is_set():
-            token = rt.sample(logits, sampling, generator)
-            completion += 1
-            if token in rt.eos_ids:
-                finish = "stop"
-                break
-            text = detok.step(token)
-            if text and emit(text):
-                stopped = True
-                finish = "stop"
-                break
-            if completion >= max_new:
-                break
-            logits = rt.forward(torch.tensor([[token]], device=rt.device), cache)
-        if job.cancel.is_set():
-            finish = "stop"
-            if job.cancel_reason == "unload":
-                job.send(EngineError(f"model {self._model_id} was unloaded during generation"))
+                seq.job.send(Delta(text=out))
+            if stopped:
+                seq.finish, seq.stopped = "stop", True
                 return
-        elif not stopped:
-            tail = detok.flush()
-            if tail and emit(tail):
-                finish = "stop"
-            rest = stops.flush()
-            if rest:
-                job.send(Delta(text=rest))
+        constraint = sampling.constraint
+        if constraint is not None and constraint.done:
+            seq.finish = "stop"
+        elif seq.completion >= seq.max_new:
+            seq.finish = "length"
+        else:
+            seq.last = token
+
+    def _end(self, seq: _Seq) -> None:
+        """Flush what the detokenizer and the stop matcher held back; send the `Final`."""
+        finish = seq.finish or "length"
+        if not seq.stopped:
+            tail = seq.detok.flush()
+            if tail:
+                out, stopped = seq.stops.feed(tail)
+                if out:
+                    seq.job.send(Delta(text=out))
+                if stopped:
+                    finish = "stop"
+                    seq.stopped = True
+            if not seq.stopped:
+                rest = seq.stops.flush()
+                if rest:
+                    seq.job.send(Delta(text=rest))
+        usage = Usage(prompt_tokens=len(seq.job.prompt_ids), completion_tokens=seq.completion)
+        seq.job.send(Final(usage=usage, finish_reason=finish))
+
+    def _finish_cancelled(self, job: _Job, *, completion: int) -> None:
+        if job.cancel_reason == "unload":
+            job.send(EngineError(f"model {self._model_id} was unloaded during generation"))
+            return
         job.send(
-            Final(usage=Usage(prompt_tokens=n_prompt, completion_tokens=completion), finish_reason=finish)
+            Final(
+                usage=Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=completion),
+                finish_reason="stop",
+            )
         )
+
+    def _failed(self, exc: Exception, seqs: list[_Seq]) -> None:
+        """A forward pass or sampling failed for `seqs`: a device fault poisons the model, anything
+        else fails just these requests."""
+        if is_device_fault(exc):
+            self._fault = f"{type(exc).__name__}: {exc}"
+            log.error("model %s faulted during generation: %s", self._model_id, exc)
+            error: EngineError = EngineFault(f"model {self._model_id} failed: {exc}")
+        else:
+            log.exception("generation failed on %s", self._model_id, exc_info=exc)
+            error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        for seq in seqs:
+            seq.job.send(error)
 
 
 def in_own_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -690,7 +875,20 @@ def _load_blocking(spec: LoadSpec, path: Path, report: ProgressCallback) -> Tran
         runtime=runtime,
         context_length=context_length,
         memory=MemoryReport(per_device_mb={device: used_mb}),
+        kv_budget_tokens=_kv_budget_tokens(spec, model, used_mb),
     )
+
+
+def _kv_budget_tokens(spec: LoadSpec, model: Any, used_mb: int) -> int:
+    """KV positions the batch may hold: what the catalogue's `memory_mb` leaves after the weights
+    (`DEFAULT_KV_BUDGET_MB` when it gives none). Never below one full context: a single request always
+    runs (the budget bounds how many run together, it never refuses one)."""
+    from .kvbatch import kv_bytes_per_token  # noqa: PLC0415 -- lazy: imports torch
+
+    per_token = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+    budget_mb = spec.memory_mb - used_mb if spec.memory_mb else DEFAULT_KV_BUDGET_MB
+    tokens = max(0, budget_mb) * 2**20 // per_token
+    return max(int(tokens), model.config.get_text_config().max_position_embeddings or 0, 1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -729,6 +927,6 @@ def _warm_up(rt: _Runtime) -> None:
     with torch.inference_mode():
         ids = rt.tokenizer.encode("Hello", add_special_tokens=True) or [0]
         cache = rt.new_cache()
-        logits = rt.forward(torch.tensor([ids], device=rt.device), cache)
-        token = rt.sample(logits, SamplingParams(temperature=0), None)
-        rt.forward(torch.tensor([[token]], device=rt.device), cache)
+        logits = rt.forward({"input_ids": torch.tensor([ids], device=rt.device)}, cache)
+        token = int(torch.argmax(logits[0]).item())
+        rt.forward({"input_ids": torch.tensor([[token]], device=rt.device)}, cache)

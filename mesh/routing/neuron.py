@@ -373,6 +373,7 @@ class Neuron:
                 revision=entry.revision,
                 quant=entry.quant,
                 context_length=entry.context_length,
+                memory_mb=entry.memory_mb or None,
                 cache_dir=self._cache_dir,
                 options=dict(entry.options),
             )
