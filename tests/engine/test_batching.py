@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,7 +95,7 @@ async def test_cancelling_mid_prefill_frees_the_slot_at_once(model: Transformers
         time.sleep(0.01)  # a prefill chunk that takes a while
         return original(*args)  # type: ignore[arg-type]
 
-    runtime.forward = counting  # type: ignore[method-assign]
+    runtime.forward = counting  # type: ignore[method-assign,assignment]
     long_prompt = " ".join(["word"] * 120)  # ~90 chunks of 4 tokens
     stream = model.generate(user_request(long_prompt, rid="victim", temperature=0.0, max_tokens=5))
     task = asyncio.ensure_future(anext(stream))
@@ -142,7 +143,12 @@ async def test_logit_bias_forces_and_bans_tokens(model: TransformersModel) -> No
 async def test_penalties_act(model: TransformersModel) -> None:
     plain = await _token_ids(model, user_request(PROMPTS[0], temperature=0.0, max_tokens=40))
     assert len(set(plain)) < len(plain)  # random weights repeat themselves under greedy decoding
-    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 10.0}):
+    penalties: list[dict[str, Any]] = [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"repetition_penalty": 10.0},
+    ]
+    for penalty in penalties:
         penalised = await _token_ids(
             model, user_request(PROMPTS[0], temperature=0.0, max_tokens=40, **penalty)
         )
@@ -201,7 +207,7 @@ async def _token_ids(model: TransformersModel, request: GenerationRequest) -> li
     original = runtime.sample
 
     def recording(logits: object, rows: list[object]) -> list[int]:
-        tokens = original(logits, rows)  # type: ignore[arg-type]
+        tokens = original(logits, rows)
         chosen.extend(tokens)
         return tokens
 
