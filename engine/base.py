@@ -184,6 +184,11 @@ class LoadedModel(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    @property
+    def waiting(self) -> int:
+        """Requests accepted but waiting for room in the running batch (the fleet view's `queued`)."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Stream deltas then one `Final`. Raises `engine.errors.RequestError` subclasses for bad
         input (before any delta) and `engine.errors.EngineFault` when the model itself broke."""

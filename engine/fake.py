@@ -126,6 +126,10 @@ class FakeModel:
         return self._context_length
 
     @property
+    def waiting(self) -> int:
+        return 0  # every scripted request runs at once
+
+    @property
     def script(self) -> FakeScript:
         return self._script
 

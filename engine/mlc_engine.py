@@ -183,6 +183,10 @@ class MLCModel:
         return self._context_length
 
     @property
+    def waiting(self) -> int:
+        return 0  # MLC's own scheduler queues inside the worker; it does not say how many
+
+    @property
     def fault(self) -> str | None:
         return self._fault
 

@@ -49,6 +49,13 @@ def validate_sampling(s: SamplingParams) -> None:
         raise RequestError("top_k must be >= 0", param="top_k")
     if s.max_tokens is not None and s.max_tokens < 1:
         raise RequestError("max_tokens must be >= 1", param="max_tokens")
+    if not (0 <= s.min_p <= 1):
+        raise RequestError("min_p must be in [0, 1]", param="min_p")
+    if not (s.repetition_penalty > 0 and math.isfinite(s.repetition_penalty)):
+        raise RequestError("repetition_penalty must be a finite number > 0", param="repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(s, name)):
+            raise RequestError(f"{name} must be a finite number", param=name)
 
 
 def check_context(*, n_prompt: int, max_tokens: int | None, context_length: int, param: InputParam) -> None:

@@ -145,14 +145,16 @@ class _Slot:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self) -> ModelRecord:
+        # Reservations whose request waits inside the engine for room in its batch count as queued.
+        waiting = min(self.in_flight, self.model.waiting) if self.model is not None else 0
         return ModelRecord(
             id=self.entry.id,
             status=self.status,
             engine=self.engine_name,
             devices=self.devices,
             memory_mb=self.memory_mb,
-            in_flight=self.in_flight,
-            queued=self.queued,
+            in_flight=self.in_flight - waiting,
+            queued=self.queued + waiting,
             last_used=self.last_used,
             progress=self.progress,
             error=self.error,
@@ -812,6 +814,10 @@ class _Guarded:
     @property
     def context_length(self) -> int:
         return self._model.context_length
+
+    @property
+    def waiting(self) -> int:
+        return self._model.waiting
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         first_at: float | None = None

@@ -53,6 +53,13 @@ class SamplingOverrides:
     max_tokens: int | None = None
     max_tokens_param: str = "max_tokens"
     stop: tuple[str, ...] | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,9 +102,20 @@ def resolve_sampling(overrides: SamplingOverrides, defaults: Mapping[str, float 
         temperature=pick_float("temperature", overrides.temperature, base.temperature),
         top_p=pick_float("top_p", overrides.top_p, base.top_p),
         top_k=pick_int("top_k", overrides.top_k, base.top_k) or 0,
+        min_p=pick_float("min_p", overrides.min_p, base.min_p),
         seed=pick_int("seed", overrides.seed, base.seed),
         max_tokens=pick_int("max_tokens", overrides.max_tokens, base.max_tokens),
         stop=overrides.stop if overrides.stop is not None else base.stop,
+        stop_token_ids=overrides.stop_token_ids,
+        presence_penalty=pick_float("presence_penalty", overrides.presence_penalty, base.presence_penalty),
+        frequency_penalty=pick_float(
+            "frequency_penalty", overrides.frequency_penalty, base.frequency_penalty
+        ),
+        repetition_penalty=pick_float(
+            "repetition_penalty", overrides.repetition_penalty, base.repetition_penalty
+        ),
+        logit_bias=overrides.logit_bias,
+        ignore_eos=overrides.ignore_eos,
     )
 
 
@@ -231,13 +249,63 @@ def _stop(data: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+# OpenAI caps `logit_bias` at 300 tokens; vLLM's `stop_token_ids` has no cap, ours keeps requests small.
+_MAX_LOGIT_BIAS = 300
+_MAX_STOP_TOKEN_IDS = 64
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+def _logit_bias(data: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"<token id>": bias}` map, biases in [-100, 100]."""
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _invalid_type("logit_bias", "an object", value)
+    if len(value) > _MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"'logit_bias' may hold at most {_MAX_LOGIT_BIAS} tokens.",
+            param="logit_bias",
+            code="invalid_value",
+        )
+    out: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        token = key.strip() if isinstance(key, str) else ""
+        if not token.isdigit() or int(token) > _MAX_TOKEN_ID:
+            raise InvalidRequest(
+                f"'logit_bias' keys must be token ids (non-negative integers as strings), got {key!r:.40}.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        param = f"logit_bias.{token}"
+        number = _number({param: bias}, param, -100.0, 100.0)
+        if number is None:
+            raise _invalid_type(param, "a number", bias)
+        out.append((int(token), number))
+    return tuple(out)
+
+
+def _stop_token_ids(data: Mapping[str, Any]) -> tuple[int, ...]:
+    """vLLM's extension: token ids that end the generation like EOS."""
+    value = data.get("stop_token_ids")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > _MAX_STOP_TOKEN_IDS:
+        raise _invalid_type("stop_token_ids", f"a list of at most {_MAX_STOP_TOKEN_IDS} token ids", value)
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= _MAX_TOKEN_ID:
+            raise _invalid_type(f"stop_token_ids[{i}]", "a non-negative integer", item)
+    return tuple(value)
+
+
 def _sampling(data: Mapping[str, Any]) -> SamplingOverrides:
-    # Penalties and logit_bias are accepted (OpenAI accepts them) but have no effect here; validate the
-    # range so a typo still gets a clear 400.
-    _number(data, "presence_penalty", -2.0, 2.0)
-    _number(data, "frequency_penalty", -2.0, 2.0)
-    if data.get("logit_bias") is not None and not isinstance(data["logit_bias"], dict):
-        raise _invalid_type("logit_bias", "an object", data["logit_bias"])
+    repetition_penalty = _number(data, "repetition_penalty", 0.0, 10.0)
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise InvalidRequest(
+            "'repetition_penalty' must be greater than 0 (1 = no penalty).",
+            param="repetition_penalty",
+            code="invalid_value",
+        )
     n = _integer(data, "n", 1, 128)
     if n is not None and n != 1:
         raise _unsupported("n", "n > 1 (several choices per request)")
@@ -255,6 +323,13 @@ def _sampling(data: Mapping[str, Any]) -> SamplingOverrides:
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
         stop=_stop(data),
+        min_p=_number(data, "min_p", 0.0, 1.0),
+        presence_penalty=_number(data, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(data, "frequency_penalty", -2.0, 2.0),
+        repetition_penalty=repetition_penalty,
+        logit_bias=_logit_bias(data),
+        stop_token_ids=_stop_token_ids(data),
+        ignore_eos=bool(_boolean(data, "ignore_eos")),
     )
 
 
@@ -422,6 +497,10 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
 
 def _prompt(data: Mapping[str, Any]) -> str:
+    """The prompt. `null` is allowed (OpenAI's spec: nullable, "as if from the beginning of a new
+    document"): an empty prompt, which the engines start from the beginning-of-sequence token."""
+    if "prompt" in data and data["prompt"] is None:
+        return ""
     value = data.get("prompt")
     if value is None:
         raise InvalidRequest(

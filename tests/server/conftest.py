@@ -64,6 +64,10 @@ class RecordingModel:
     def context_length(self) -> int:
         return self.inner.context_length
 
+    @property
+    def waiting(self) -> int:
+        return self.inner.waiting
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
         return self.inner.generate(request)
