@@ -97,6 +97,17 @@ class BatchCache:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
             layer.values = layer.values.index_select(0, index)[:, :, start:, :]
 
+    def row_kv(self, row: int) -> list[tuple[Any, Any]]:
+        """A copy of `row`'s real positions, per layer: keys and values [1, H, n, D]."""
+        start = self.length - int(self.mask[row].sum())
+        return [
+            (
+                layer.keys[row : row + 1, :, start:, :].clone(),
+                layer.values[row : row + 1, :, start:, :].clone(),
+            )
+            for layer in self.cache.layers
+        ]
+
     def step_inputs(self, tokens: list[int]) -> dict[str, Any]:
         """Model inputs for one decode step feeding `tokens` (one per row); extends the mask."""
         positions = self.mask.sum(dim=1, keepdim=True)

@@ -111,7 +111,7 @@ def _cut(scores: Any, s: SamplingParams) -> Any:
 
 def sample(logits: Any, rows: Sequence[RowState]) -> list[int]:
     """The next token of every row of `logits` ([B, V], one row per state in `rows`)."""
-    logits = logits.float()
+    logits = logits.float().clone()  # never write into the caller's tensor (the prefix cache keeps it)
     for i, state in enumerate(rows):
         s = state.sampling
         if s.logit_bias:

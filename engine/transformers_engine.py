@@ -116,6 +116,15 @@ MAX_BATCH_SEQUENCES = 32
 # Prompt tokens fed per prefill step: a long prompt is interleaved with decode steps of the running
 # batch in chunks this size, so it delays the others by one chunk's forward pass at a time.
 PREFILL_CHUNK_TOKENS = 256
+# torch's intra-op threads, chosen per phase on CPU (HELEXA_PREFILL_THREADS / HELEXA_DECODE_THREADS
+# override them). Measured here (scripts/bench engine): a decode step is a thin matmul bound by memory,
+# and a second thread gave no gain while doubling CPU per token; worse, with another busy process on a
+# 2-core box two threads spin against each other (a tiny model's step went from 1 ms to 35 ms). A
+# prefill chunk is a wide matmul that a second thread cut by about 40 % on the 0.5B model.
+DECODE_THREADS = 1
+PREFILL_THREADS = max(1, min(4, os.cpu_count() or 1))
+# The prefix cache (`engine.prefix`) may hold 1/this of the KV budget; the running batch the rest.
+PREFIX_CACHE_DIVISOR = 4
 # KV cache the batch may use when the catalogue gives no memory_mb for the model (never "a share of all
 # RAM"): enough for a few dozen short conversations on the small models a CPU serves.
 DEFAULT_KV_BUDGET_MB = 512
@@ -250,6 +259,8 @@ class _Seq:
     last: int = 0  # the token fed at the next decode step
     finish: FinishReason | None = None
     stopped: bool = False  # a stop string or token ended it (no flush of held-back text)
+    generated: list[int] = field(default_factory=list)
+    first_logits: Any = None  # the whole prompt came from the prefix cache: its last logits
 
     @property
     def reserve(self) -> int:
@@ -283,6 +294,10 @@ class TransformersModel:
         self.peak_kv_tokens = 0  # the most KV positions the batch ever held (tests, the bench)
         self.peak_batch = 0
         self.waiting = 0  # requests admitted to the thread but not yet prefilling (the budget is full)
+        self._prefix: Any = None  # engine.prefix.PrefixCache, made by the inference thread
+        self.prefix_reuse = True
+        self.prefill_threads = _threads_setting("HELEXA_PREFILL_THREADS", PREFILL_THREADS)
+        self.decode_threads = _threads_setting("HELEXA_DECODE_THREADS", DECODE_THREADS)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._in_flight: InFlight[_Job] = InFlight()
         self._fault: str | None = None
@@ -416,7 +431,18 @@ class TransformersModel:
         import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
         from .kvbatch import BatchCache, batchable  # noqa: PLC0415 -- lazy: imports torch
+        from .prefix import PrefixCache  # noqa: PLC0415 -- lazy: imports torch
         from .sampling import RowState, new_generator  # noqa: PLC0415 -- lazy: imports torch
+
+        prefix = PrefixCache(0)
+        self._prefix = prefix
+        current_threads = [0]
+
+        def threads(n: int) -> None:
+            """This thread's intra-op threads for the next phase (CPU only; cheap when unchanged)."""
+            if self._runtime is not None and self._runtime.device == "cpu" and current_threads[0] != n:
+                torch.set_num_threads(n)
+                current_threads[0] = n
 
         waiting: collections.deque[_Job] = collections.deque()
         prefilling: _Seq | None = None
@@ -464,6 +490,7 @@ class TransformersModel:
                     batch.keep(keep)
                     running = [running[i] for i in keep]
                 # 3. Admit the next waiting request if the batch has room for it.
+                prefix.max_tokens = self._prefix_tokens()
                 if prefilling is None and waiting and self._fits(running, waiting[0]):
                     job = waiting.popleft()
                     max_new = completion_budget(
@@ -478,13 +505,16 @@ class TransformersModel:
                         else new_generator(rt.device, job.sampling.seed),
                         prompt_ids=job.prompt_ids,
                     )
+                    reused_cache, reused, first_logits = prefix.take(job.prompt_ids, rt.model.config)
                     prefilling = _Seq(
                         job=job,
                         row=row,
                         detok=_Detokenizer(rt.raw_tokenizer),
                         stops=StopStringMatcher(job.sampling.stop),
                         max_new=max_new,
-                        cache=rt.new_cache(),
+                        cache=reused_cache if reused_cache is not None else rt.new_cache(),
+                        prefilled=reused,
+                        first_logits=first_logits,
                     )
                 self.waiting = len(waiting)
                 # 4. One chunk of the prefilling request's prompt (a long prompt never stalls the batch
@@ -492,7 +522,8 @@ class TransformersModel:
                 if prefilling is not None:
                     seq = prefilling
                     try:
-                        first = self._prefill_chunk(rt, seq)
+                        threads(self.prefill_threads)
+                        first = self._prefill_chunk(rt, seq, prefix)
                     except Exception as exc:
                         self._failed(exc, [seq])
                         prefilling = None
@@ -517,6 +548,7 @@ class TransformersModel:
                 # 5. One decode step for every running sequence.
                 if running and batch is not None:
                     try:
+                        threads(self.decode_threads)
                         inputs = batch.step_inputs([seq.last for seq in running])
                         self.peak_kv_tokens = max(self.peak_kv_tokens, batch.rows * batch.length)
                         self.peak_batch = max(self.peak_batch, batch.rows)
@@ -532,6 +564,10 @@ class TransformersModel:
                         if seq.finish is not None:
                             done.append(i)
                             self._end(seq)
+                            # What it holds (prompt and the tokens fed since) serves a next chat turn.
+                            fed = [*seq.job.prompt_ids, *seq.generated[:-1]]
+                            if prefix.max_tokens >= len(fed):
+                                prefix.store(fed, batch.row_kv(i))
                     if done:
                         keep = [i for i in range(len(running)) if i not in done]
                         batch.keep(keep)
@@ -562,30 +598,43 @@ class TransformersModel:
             return False
         if self.kv_budget_tokens is None:
             return True
+        budget = self.kv_budget_tokens - self._prefix_tokens()
         reserve = len(job.prompt_ids) + completion_budget(
             n_prompt=len(job.prompt_ids),
             max_tokens=job.sampling.max_tokens,
             context_length=self._context_length,
         )
         longest = max([reserve, *(seq.reserve for seq in running)])
-        return (len(running) + 1) * longest <= self.kv_budget_tokens
+        return (len(running) + 1) * longest <= budget
 
-    def _prefill_chunk(self, rt: _Runtime, seq: _Seq) -> int | None:
+    def _prefill_chunk(self, rt: _Runtime, seq: _Seq, prefix: Any) -> int | None:
         """Feed the next chunk of `seq`'s prompt into its cache; return its first token once the whole
-        prompt is in (None before)."""
+        prompt is in (None before). A prompt found whole in the prefix cache needs no forward pass."""
         import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
         ids = seq.job.prompt_ids
+        if seq.first_logits is not None:
+            return rt.sample(seq.first_logits, [seq.row])[0]
         chunk = ids[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
         logits = rt.forward({"input_ids": torch.tensor([chunk], device=rt.device)}, seq.cache)
         seq.prefilled += len(chunk)
         if seq.prefilled < len(ids):
             return None
+        # The prompt's KV (shared, never written in place) and last logits: `n > 1`, retries and
+        # repeated prompts start from here.
+        prefix.store(ids, [(layer.keys, layer.values) for layer in seq.cache.layers], logits)
         return rt.sample(logits, [seq.row])[0]
+
+    def _prefix_tokens(self) -> int:
+        """KV positions the prefix cache may keep: a quarter of the budget (the batch gets the rest)."""
+        if self.kv_budget_tokens is None or not self.prefix_reuse:
+            return 0
+        return self.kv_budget_tokens // PREFIX_CACHE_DIVISOR
 
     def _advance(self, rt: _Runtime, seq: _Seq, token: int) -> None:
         """`token` was chosen for `seq`: emit its text, decide whether the sequence ends."""
         seq.completion += 1
+        seq.generated.append(token)
         seq.row.accept(token)
         sampling = seq.job.sampling
         if (token in rt.eos_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
@@ -649,6 +698,15 @@ class TransformersModel:
             error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
         for seq in seqs:
             seq.job.send(error)
+
+
+def _threads_setting(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value:
+        log.warning("ignoring %s=%r (a positive number of threads)", name, value)
+    return default
 
 
 def in_own_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:

@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from helexa.engine.base import Delta, GenerationRequest, LoadSpec, ModelId, RequestId, SamplingParams
+from helexa.engine.base import (
+    ChatMessage,
+    Delta,
+    GenerationRequest,
+    LoadSpec,
+    ModelId,
+    RequestId,
+    SamplingParams,
+)
 from helexa.engine.errors import ContextLengthExceeded
 from helexa.engine.transformers_engine import TransformersEngine, TransformersModel
 from tests.helpers.engine import collect, user_request
@@ -218,3 +226,44 @@ async def _token_ids(model: TransformersModel, request: GenerationRequest) -> li
     finally:
         runtime.sample = original  # type: ignore[method-assign]
     return chosen
+
+
+async def test_a_next_chat_turn_reuses_the_conversation_so_far(model: TransformersModel) -> None:
+    def turn(*texts: str) -> GenerationRequest:
+        roles = ["user", "assistant"]
+        messages = tuple(ChatMessage(role=roles[i % 2], content=t) for i, t in enumerate(texts))  # type: ignore[arg-type]
+        return GenerationRequest(
+            request_id=RequestId("t"),
+            messages=messages,
+            sampling=SamplingParams(temperature=0.0, max_tokens=12),
+        )
+
+    async def conversation() -> tuple[str, str]:
+        first, _ = await collect(model, turn(PROMPTS[2]))
+        second, _ = await collect(model, turn(PROMPTS[2], first, "And then?"))
+        return first, second
+
+    model.prefix_reuse = False
+    expected = await conversation()
+    assert model._prefix.hits == 0
+    model.prefix_reuse = True
+    assert await conversation() == expected
+    assert model._prefix.hits >= 1 and model._prefix.reused_tokens >= len(PROMPTS[2].split())
+
+
+async def test_the_same_prompt_again_needs_no_prefill(model: TransformersModel) -> None:
+    runtime = model._runtime
+    assert runtime is not None
+    first = user_request(PROMPTS[4], rid="a", temperature=1.0, seed=1, max_tokens=5)
+    await collect(model, first)
+    forwards = [0]
+    original = runtime.forward
+
+    def counting(*args: object) -> object:
+        forwards[0] += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    runtime.forward = counting  # type: ignore[method-assign,assignment]
+    _, final = await collect(model, user_request(PROMPTS[4], rid="b", temperature=1.0, seed=2, max_tokens=5))
+    assert final.usage.completion_tokens == 5
+    assert forwards[0] == 4  # decode steps only: the prompt's KV and first logits were reused
