@@ -96,13 +96,36 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    # A prompt already tokenized (`/v1/completions` accepts token ids); used instead of `prompt`.
+    prompt_ids: tuple[int, ...] | None = None
+    # Log probabilities of generated tokens: None = not asked; k >= 0 = the chosen token and its k
+    # most likely alternatives (OpenAI caps k at 20).
+    logprobs: int | None = None
+    # Log probabilities of the prompt's own tokens (completions `echo` with `logprobs`).
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenLogprob:
+    """One token with its log probability under the model (before sampling's temperature, penalties and
+    cuts) and, when asked for, the most likely alternatives at that position."""
+
+    token_id: int
+    text: str  # the token decoded alone (may be a partial character: "\ufffd")
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Delta:
-    """A piece of newly decoded text (never a broken multi-byte character; may be empty-free)."""
+    """A piece of newly decoded text (never a broken multi-byte character; never empty).
+
+    `logprobs` (when the request asked for them) holds the tokens generated since the previous delta;
+    text held back by a stop string or an incomplete character may make them run ahead of `text`.
+    """
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,10 +140,17 @@ class Usage:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Final:
-    """The last event of every generation."""
+    """The last event of every generation.
+
+    `logprobs`: generated tokens not yet sent with a delta (held back, or ending the text).
+    `prompt_logprobs`: with `GenerationRequest.prompt_logprobs`, one entry per prompt token after the
+    first (the first has no context to be predicted from), as `/v1/completions` `echo` reports them.
+    """
 
     usage: Usage
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 GenerationEvent = Delta | Final

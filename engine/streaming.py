@@ -34,9 +34,10 @@ def check_usable(model_id: ModelId, *, fault: str | None, unloaded: bool) -> Non
 
 def check_input(request: GenerationRequest) -> InputParam:
     """The field that carries the request's input, checking that exactly one of them does."""
-    if (request.prompt is None) == (request.messages is None):
+    has_prompt = request.prompt is not None or request.prompt_ids is not None
+    if has_prompt == (request.messages is not None):
         raise RequestError("exactly one of prompt and messages is required", param="messages")
-    return "prompt" if request.prompt is not None else "messages"
+    return "prompt" if has_prompt else "messages"
 
 
 def validate_sampling(s: SamplingParams) -> None:

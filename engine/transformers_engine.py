@@ -57,6 +57,7 @@ from .base import (
     ProgressCallback,
     RequestId,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from .errors import (
@@ -151,6 +152,8 @@ class _Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     channel: EventChannel = field(default_factory=EventChannel)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: CancelReason | None = None
@@ -222,6 +225,7 @@ class _Runtime:
         # refused before the tokenizer ever sees it (issue: a 15 MB prompt took 4-6 GB to tokenize).
         vocab = tokenizer.get_vocab()
         self.max_token_chars = max((len(piece) for piece in vocab), default=1) + 1
+        self._texts: dict[int, str] = {}
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache  # noqa: PLC0415 -- lazy: transformers imports torch
@@ -236,6 +240,38 @@ class _Runtime:
             kwargs["logits_to_keep"] = 1
         out = self.model(**inputs, **kwargs)
         return out.logits[:, -1, : self.vocab_limit]
+
+    def forward_all(self, inputs: dict[str, Any], cache: Any) -> Any:
+        """Like `forward` for one row, with the logits of every position [n, V] (prompt logprobs)."""
+        kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
+        out = self.model(**inputs, **kwargs)
+        return out.logits[0, :, : self.vocab_limit]
+
+    def token_text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = str(self.raw_tokenizer.decode([token_id], skip_special_tokens=False))
+            if len(self._texts) < 1_000_000:
+                self._texts[token_id] = text
+        return text
+
+    def logprob_entries(self, logits: Any, tokens: list[int], top: int) -> list[TokenLogprob]:
+        """`TokenLogprob`s for `tokens`, each chosen after the matching row of `logits` ([n, V], raw)."""
+        import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
+
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+        alternatives: list[list[tuple[int, str, float]]] = [[] for _ in tokens]
+        if top > 0:
+            values, ids = torch.topk(lp, min(top, lp.shape[1]), dim=-1)
+            for i, (vs, ts) in enumerate(zip(values.tolist(), ids.tolist(), strict=True)):
+                alternatives[i] = [
+                    (int(t), self.token_text(int(t)), float(v)) for v, t in zip(vs, ts, strict=True)
+                ]
+        return [
+            TokenLogprob(token_id=t, text=self.token_text(t), logprob=float(c), top=tuple(alts))
+            for t, c, alts in zip(tokens, chosen, alternatives, strict=True)
+        ]
 
     def sample(self, logits: Any, rows: list[Any]) -> list[int]:
         """The next token of every row (`engine.sampling.sample`)."""
@@ -261,6 +297,8 @@ class _Seq:
     stopped: bool = False  # a stop string or token ended it (no flush of held-back text)
     generated: list[int] = field(default_factory=list)
     first_logits: Any = None  # the whole prompt came from the prefix cache: its last logits
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a delta
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def reserve(self) -> int:
@@ -333,6 +371,8 @@ class TransformersModel:
             prompt_ids=prompt_ids,
             sampling=request.sampling,
             loop=asyncio.get_running_loop(),
+            logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs,
         )
         self._in_flight.add(request.request_id, job)
         self._queue.put(job)
@@ -380,6 +420,8 @@ class TransformersModel:
         param = check_input(request)
         # Bounded before any tokenizing: a text longer than the context could hold at the longest
         # token per position is refused by its length alone.
+        if request.prompt_ids is not None:
+            return self._prepare_ids(runtime, request)
         chars = (
             len(request.prompt or "")
             if request.messages is None
@@ -422,6 +464,26 @@ class TransformersModel:
             max_tokens=request.sampling.max_tokens,
             context_length=self._context_length,
             param=param,
+        )
+        return ids
+
+    def _prepare_ids(self, runtime: _Runtime, request: GenerationRequest) -> list[int]:
+        """A prompt given as token ids: each must exist in the vocabulary."""
+        ids = list(request.prompt_ids or ())
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        for i, token in enumerate(ids):
+            if not 0 <= token < runtime.vocab_limit:
+                raise RequestError(
+                    f"prompt token {token} (position {i}) is not in this model's vocabulary "
+                    f"(0..{runtime.vocab_limit - 1})",
+                    param="prompt",
+                )
+        check_context(
+            n_prompt=len(ids),
+            max_tokens=request.sampling.max_tokens,
+            context_length=self._context_length,
+            param="prompt",
         )
         return ids
 
@@ -505,7 +567,11 @@ class TransformersModel:
                         else new_generator(rt.device, job.sampling.seed),
                         prompt_ids=job.prompt_ids,
                     )
-                    reused_cache, reused, first_logits = prefix.take(job.prompt_ids, rt.model.config)
+                    reused_cache, reused, first_logits = (
+                        (None, 0, None)
+                        if job.prompt_logprobs
+                        else prefix.take(job.prompt_ids, rt.model.config)
+                    )
                     prefilling = _Seq(
                         job=job,
                         row=row,
@@ -554,6 +620,11 @@ class TransformersModel:
                         self.peak_batch = max(self.peak_batch, batch.rows)
                         logits = rt.forward(inputs, batch.cache)
                         tokens = rt.sample(logits, [seq.row for seq in running])
+                        for i, seq in enumerate(running):
+                            if seq.job.logprobs is not None:
+                                seq.pending_logprobs += rt.logprob_entries(
+                                    logits[i : i + 1], [tokens[i]], seq.job.logprobs
+                                )
                     except Exception as exc:
                         self._failed(exc, running)
                         running, batch = [], None
@@ -612,18 +683,34 @@ class TransformersModel:
         prompt is in (None before). A prompt found whole in the prefix cache needs no forward pass."""
         import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
 
-        ids = seq.job.prompt_ids
+        job = seq.job
+        ids = job.prompt_ids
         if seq.first_logits is not None:
-            return rt.sample(seq.first_logits, [seq.row])[0]
+            return self._first_token(rt, seq, seq.first_logits)
         chunk = ids[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
-        logits = rt.forward({"input_ids": torch.tensor([chunk], device=rt.device)}, seq.cache)
+        inputs = {"input_ids": torch.tensor([chunk], device=rt.device)}
+        if job.prompt_logprobs:
+            every = rt.forward_all(inputs, seq.cache)  # [n, V]: position j predicts prompt token j + 1
+            nxt = ids[seq.prefilled + 1 : seq.prefilled + len(chunk) + 1]
+            if nxt:
+                top = job.logprobs or 0
+                seq.prompt_logprobs += rt.logprob_entries(every[: len(nxt)], nxt, top)
+            logits = every[-1:]
+        else:
+            logits = rt.forward(inputs, seq.cache)
         seq.prefilled += len(chunk)
         if seq.prefilled < len(ids):
             return None
         # The prompt's KV (shared, never written in place) and last logits: `n > 1`, retries and
         # repeated prompts start from here.
         prefix.store(ids, [(layer.keys, layer.values) for layer in seq.cache.layers], logits)
-        return rt.sample(logits, [seq.row])[0]
+        return self._first_token(rt, seq, logits)
+
+    def _first_token(self, rt: _Runtime, seq: _Seq, logits: Any) -> int:
+        token = rt.sample(logits, [seq.row])[0]
+        if seq.job.logprobs is not None:
+            seq.pending_logprobs += rt.logprob_entries(logits, [token], seq.job.logprobs)
+        return token
 
     def _prefix_tokens(self) -> int:
         """KV positions the prefix cache may keep: a quarter of the budget (the batch gets the rest)."""
@@ -644,7 +731,7 @@ class TransformersModel:
         if text:
             out, stopped = seq.stops.feed(text)
             if out:
-                seq.job.send(Delta(text=out))
+                seq.job.send(Delta(text=out, logprobs=self._take_logprobs(seq)))
             if stopped:
                 seq.finish, seq.stopped = "stop", True
                 return
@@ -664,16 +751,29 @@ class TransformersModel:
             if tail:
                 out, stopped = seq.stops.feed(tail)
                 if out:
-                    seq.job.send(Delta(text=out))
+                    seq.job.send(Delta(text=out, logprobs=self._take_logprobs(seq)))
                 if stopped:
                     finish = "stop"
                     seq.stopped = True
             if not seq.stopped:
                 rest = seq.stops.flush()
                 if rest:
-                    seq.job.send(Delta(text=rest))
+                    seq.job.send(Delta(text=rest, logprobs=self._take_logprobs(seq)))
         usage = Usage(prompt_tokens=len(seq.job.prompt_ids), completion_tokens=seq.completion)
-        seq.job.send(Final(usage=usage, finish_reason=finish))
+        seq.job.send(
+            Final(
+                usage=usage,
+                finish_reason=finish,
+                logprobs=self._take_logprobs(seq),
+                prompt_logprobs=tuple(seq.prompt_logprobs),
+            )
+        )
+
+    @staticmethod
+    def _take_logprobs(seq: _Seq) -> tuple[TokenLogprob, ...]:
+        out = tuple(seq.pending_logprobs)
+        seq.pending_logprobs.clear()
+        return out
 
     def _finish_cancelled(self, job: _Job, *, completion: int) -> None:
         if job.cancel_reason == "unload":

@@ -10,17 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from helexa.engine.base import (
     ChatMessage,
     Delta,
+    Final,
     GenerationRequest,
     LoadSpec,
     ModelId,
     RequestId,
     SamplingParams,
+    TokenLogprob,
 )
-from helexa.engine.errors import ContextLengthExceeded
+from helexa.engine.errors import ContextLengthExceeded, RequestError
 from helexa.engine.transformers_engine import TransformersEngine, TransformersModel
 from tests.helpers.engine import collect, user_request
 from tests.helpers.polling import eventually
@@ -267,3 +270,73 @@ async def test_the_same_prompt_again_needs_no_prefill(model: TransformersModel) 
     _, final = await collect(model, user_request(PROMPTS[4], rid="b", temperature=1.0, seed=2, max_tokens=5))
     assert final.usage.completion_tokens == 5
     assert forwards[0] == 4  # decode steps only: the prompt's KV and first logits were reused
+
+
+async def _logprob_run(
+    model: TransformersModel, request: GenerationRequest
+) -> tuple[list[TokenLogprob], Final]:
+    """The generated tokens' logprob entries in order (deltas then Final) and the Final."""
+    entries: list[TokenLogprob] = []
+    final: Final | None = None
+    async for event in model.generate(request):
+        if isinstance(event, Delta):
+            entries += event.logprobs
+        else:
+            final = event
+            entries += event.logprobs
+    assert final is not None
+    return entries, final
+
+
+def _reference_logprobs(model: TransformersModel, ids: list[int]) -> torch.Tensor:
+    """log_softmax of a plain forward pass over `ids`: row j scores token j + 1."""
+    runtime = model._runtime
+    assert runtime is not None
+    with torch.inference_mode():
+        logits = runtime.model(input_ids=torch.tensor([ids])).logits[0, :, : runtime.vocab_limit]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+async def test_logprobs_match_a_direct_forward_pass_also_batched(model: TransformersModel) -> None:
+    requests = [
+        GenerationRequest(
+            request_id=RequestId(f"l{i}"),
+            prompt=p,
+            sampling=SamplingParams(temperature=0.0, max_tokens=6),
+            logprobs=3,
+        )
+        for i, p in enumerate(PROMPTS[:4])
+    ]
+    results = await asyncio.gather(*(_logprob_run(model, r) for r in requests))
+    assert model.peak_batch > 1
+    for request, (entries, final) in zip(requests, results, strict=True):
+        prompt = model._prepare(request)
+        generated = [e.token_id for e in entries]
+        assert len(generated) == final.usage.completion_tokens
+        reference = _reference_logprobs(model, prompt + generated)
+        for j, entry in enumerate(entries):
+            row = reference[len(prompt) - 1 + j]
+            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-3)
+            assert len(entry.top) == 3
+            assert entry.top[0][0] == entry.token_id  # greedy: the chosen token is the most likely
+            assert [t for t, _, _ in entry.top] == row.topk(3).indices.tolist()
+
+
+async def test_prompt_logprobs_and_token_id_prompts(model: TransformersModel) -> None:
+    prompt = model._prepare(user_request(PROMPTS[2]))
+    request = GenerationRequest(
+        request_id=RequestId("echo"),
+        prompt_ids=tuple(prompt),
+        sampling=SamplingParams(temperature=0.0, max_tokens=1),
+        logprobs=1,
+        prompt_logprobs=True,
+    )
+    model.prefill_chunk_tokens = 7  # across several chunks
+    _, final = await _logprob_run(model, request)
+    assert final.usage.prompt_tokens == len(prompt)
+    reference = _reference_logprobs(model, prompt)
+    assert [e.token_id for e in final.prompt_logprobs] == prompt[1:]
+    for j, entry in enumerate(final.prompt_logprobs):
+        assert entry.logprob == pytest.approx(float(reference[j][prompt[j + 1]]), abs=1e-3)
+    with pytest.raises(RequestError):
+        await collect(model, GenerationRequest(request_id=RequestId("bad"), prompt_ids=(10**7,)))
