@@ -54,6 +54,7 @@ from .base import (
     ModelId,
     ProgressCallback,
     RequestId,
+    TokenLogprob,
     Usage,
 )
 from .errors import (
@@ -112,13 +113,17 @@ class MLCEngine:
                 "the mlc engine needs the mlc_llm package, which is not installed on this host "
                 '(install MLC-LLM\'s CUDA wheel, or set engine = "transformers" for this model)'
             )
-        if not spec.devices or not all(d.startswith("cuda:") for d in spec.devices):
-            raise LoadError(f"the mlc engine needs explicit CUDA devices (cuda:N), got {list(spec.devices)}")
+        cpu = tuple(spec.devices) == ("cpu",)
+        if not cpu and (not spec.devices or not all(d.startswith("cuda:") for d in spec.devices)):
+            raise LoadError(
+                f"the mlc engine needs explicit CUDA devices (cuda:N) or cpu, got {list(spec.devices)}"
+            )
         if progress is not None:
             progress(LoadProgress(phase="resolving"))
         env = dict(os.environ)
-        # Tensor parallel: the worker sees exactly the devices it was given, as cuda:0..N-1.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.split(":", 1)[1] for d in spec.devices)
+        if not cpu:
+            # Tensor parallel: the worker sees exactly the devices it was given, as cuda:0..N-1.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(d.split(":", 1)[1] for d in spec.devices)
         if spec.cache_dir is not None:
             env["MLC_LLM_HOME"] = str(spec.cache_dir)
         process = await asyncio.create_subprocess_exec(
@@ -136,10 +141,11 @@ class MLCEngine:
                 {
                     "op": "load",
                     "model": spec.source,
-                    "device": "cuda:0",
+                    "device": "cpu" if cpu else "cuda:0",
                     "devices": list(spec.devices),
                     "mode": self._mode,
                     "tensor_parallel_shards": len(spec.devices),
+                    "memory_mb": spec.memory_mb,
                     "model_lib": spec.options.get("model_lib"),
                     "context_length": spec.context_length,
                     "options": {k: v for k, v in spec.options.items() if k != "model_lib"},
@@ -274,7 +280,11 @@ class MLCModel:
                 "seed": s.seed,
                 "max_tokens": s.max_tokens,
                 "stop": list(s.stop),
+                "presence_penalty": s.presence_penalty,
+                "frequency_penalty": s.frequency_penalty,
+                "logit_bias": {str(t): b for t, b in s.logit_bias},
             },
+            "logprobs": request.logprobs,
         }
         if request.messages is not None:
             message["messages"] = [
@@ -342,7 +352,7 @@ class _WorkerStream:
         if kind == "delta":
             self._deltas += 1
             if text := str(event.get("text") or ""):
-                self.channel.put(Delta(text=text))
+                self.channel.put(Delta(text=text, logprobs=_logprobs(event.get("logprobs"))))
         elif kind == "final":
             usage = Usage(
                 prompt_tokens=int(event.get("prompt_tokens") or 0),
@@ -356,6 +366,25 @@ class _WorkerStream:
             )
         elif kind == "error":
             self.channel.put(_request_error(event))
+
+
+def _logprobs(value: object) -> tuple[TokenLogprob, ...]:
+    """The worker's `[{token, logprob, top: [[token, logprob], ...]}]` (MLC reports no token ids: -1)."""
+    if not isinstance(value, list):
+        return ()
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        top = tuple(
+            (-1, str(t[0]), float(t[1])) for t in item.get("top") or () if isinstance(t, list) and len(t) == 2
+        )
+        out.append(
+            TokenLogprob(
+                token_id=-1, text=str(item.get("token", "")), logprob=float(item.get("logprob", 0.0)), top=top
+            )
+        )
+    return tuple(out)
 
 
 def _request_error(event: Mapping[str, Any]) -> EngineError:
@@ -482,10 +511,13 @@ class _MLCBackend:
         self._engine = await asyncio.to_thread(AsyncMLCEngine, message["model"], **kwargs)
         report("warming")
         context = getattr(self._engine, "max_input_sequence_length", None) or message.get("context_length")
-        return {
-            "memory_mb": _gpu_memory_of_this_process(len(message.get("devices") or [0])),
-            "context_length": context,
-        }
+        memory = _gpu_memory_of_this_process(len(message.get("devices") or [0]))
+        if not any(memory.values()) and message.get("memory_mb"):
+            # NVML cannot tell (a container without process accounting, the cpu device): report the
+            # catalogue's figure, which MLC's own KV sizing was asked to stay within.
+            devices = list(message.get("devices") or ["cpu"])
+            memory = {d: int(message["memory_mb"]) // len(devices) for d in devices}
+        return {"memory_mb": memory, "context_length": context}
 
     async def generate(self, message: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
         s = message["sampling"]
@@ -497,30 +529,44 @@ class _MLCBackend:
             "seed": s["seed"],
             "max_tokens": s["max_tokens"],
             "stop": s["stop"] or None,
+            "presence_penalty": s.get("presence_penalty") or 0.0,
+            "frequency_penalty": s.get("frequency_penalty") or 0.0,
         }
+        if s.get("logit_bias"):
+            common["logit_bias"] = s["logit_bias"]
+        chat = "messages" in message
+        top = message.get("logprobs")
+        if top is not None:
+            # Chat takes `logprobs: true` + `top_logprobs: k`; completions `logprobs: k`.
+            common.update({"logprobs": True, "top_logprobs": top} if chat else {"logprobs": top})
+        finish = "stop"
+        usage: Any = None
         try:
-            if "messages" in message:
+            if chat:
                 stream = await self._engine.chat.completions.create(messages=message["messages"], **common)
             else:
                 stream = await self._engine.completions.create(prompt=message["prompt"], **common)
-        except Exception as exc:  # MLC raises BadRequestError for invalid requests
+            # MLC raises BadRequestError (a prompt over the context, ...) while the stream is iterated,
+            # not only when it is created: both are the client's errors.
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    delta = getattr(choice, "delta", None)
+                    piece = delta.content if delta is not None else getattr(choice, "text", None)
+                    if piece:
+                        event: dict[str, Any] = {"ev": "delta", "text": piece}
+                        if top is not None:
+                            event["logprobs"] = _mlc_logprobs(getattr(choice, "logprobs", None))
+                        yield event
+                    if choice.finish_reason is not None:
+                        finish = "length" if choice.finish_reason == "length" else "stop"
+        except Exception as exc:
             if type(exc).__name__ == "BadRequestError":
                 text = str(exc)
                 kind = "context" if "length" in text.lower() else "request"
-                raise WorkerRequestError(text, kind=kind) from exc
+                raise WorkerRequestError(text, kind=kind, param=None if chat else "prompt") from exc
             raise
-        finish = "stop"
-        usage: Any = None
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                delta = getattr(choice, "delta", None)
-                piece = delta.content if delta is not None else getattr(choice, "text", None)
-                if piece:
-                    yield {"ev": "delta", "text": piece}
-                if choice.finish_reason is not None:
-                    finish = "length" if choice.finish_reason == "length" else "stop"
         yield {
             "ev": "final",
             "finish_reason": finish,
@@ -532,6 +578,25 @@ class _MLCBackend:
         if self._engine is not None:
             await asyncio.to_thread(self._engine.terminate)
             self._engine = None
+
+
+def _mlc_logprobs(value: Any) -> list[dict[str, Any]]:
+    """MLC's chat (`content: [{token, logprob, top_logprobs}]`) or completion logprobs as wire items."""
+    if value is None:
+        return []
+    content = getattr(value, "content", None)
+    if content is not None:
+        return [
+            {
+                "token": item.token,
+                "logprob": item.logprob,
+                "top": [[t.token, t.logprob] for t in (getattr(item, "top_logprobs", None) or ())],
+            }
+            for item in content
+        ]
+    tokens = getattr(value, "tokens", None) or []
+    values = getattr(value, "token_logprobs", None) or []
+    return [{"token": t, "logprob": v, "top": []} for t, v in zip(tokens, values, strict=False)]
 
 
 def _gpu_memory_of_this_process(n_devices: int) -> dict[str, int]:

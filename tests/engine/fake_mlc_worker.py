@@ -23,6 +23,8 @@ class FakeBackend:
             error.kind = "source"  # type: ignore[attr-defined]
             raise error
         n = int(message["tensor_parallel_shards"])
+        if message["device"] == "cpu":
+            return {"memory_mb": {"cpu": 50}, "context_length": 64}
         return {"memory_mb": {f"cuda:{i}": 100 + i for i in range(n)}, "context_length": 64}
 
     async def generate(self, message: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -15,7 +15,7 @@ from helexa.engine.base import (
     RequestId,
 )
 from helexa.engine.errors import ContextLengthExceeded, EngineError, EngineFault, LoadError, ModelSourceError
-from helexa.engine.mlc_engine import MLCEngine, MLCModel
+from helexa.engine.mlc_engine import MLCEngine, MLCModel, WorkerRequestError, _MLCBackend
 from helexa.engine.registry import mlc_available
 from tests.helpers.engine import collect, user_request
 
@@ -33,10 +33,68 @@ async def test_missing_mlc_llm_is_a_clear_load_error() -> None:
         await MLCEngine().load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=("cuda:0",)))
 
 
-async def test_cpu_device_is_refused() -> None:
+async def test_cpu_device_is_accepted_other_devices_are_refused() -> None:
     engine = MLCEngine(worker_module=FAKE_WORKER, require_mlc=False)
-    with pytest.raises(LoadError, match="cuda"):
-        await engine.load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=("cpu",)))
+    model = await engine.load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=("cpu",)))
+    try:
+        assert model.memory.per_device_mb == {"cpu": 50}
+        text, _ = await collect(model, user_request("on the cpu"))
+        assert text == "on the cpu"
+    finally:
+        await model.unload()
+    for devices in (("mps",), ("cpu", "cuda:0"), ()):
+        with pytest.raises(LoadError, match="cuda"):
+            await engine.load(LoadSpec(model_id=ModelId("m"), source="HF://x/y", devices=devices))
+
+
+class _BadRequestError(Exception):
+    """Stands in for mlc_llm's BadRequestError (the backend matches it by name)."""
+
+
+_BadRequestError.__name__ = "BadRequestError"
+
+
+class _FakeMLC:
+    """An `AsyncMLCEngine` stand-in whose stream fails the way MLC's does for a prompt over the context:
+    not when the stream is created, but while it is iterated."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.chat = self
+        self.completions = self
+
+    async def create(self, **kwargs: object) -> object:
+        self.requests.append(kwargs)
+
+        async def stream() -> object:
+            raise _BadRequestError("Request prompt length 9000 exceeds the max input sequence length")
+            yield  # an async generator
+
+        return stream()
+
+
+async def test_mlc_bad_request_while_streaming_is_a_context_error() -> None:
+    backend = _MLCBackend()
+    fake = _FakeMLC()
+    backend._engine = fake
+    sampling = {
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "seed": 3,
+        "max_tokens": 4,
+        "stop": [],
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.0,
+        "logit_bias": {"7": -100.0},
+    }
+    message = {"messages": [{"role": "user", "content": "x"}], "sampling": sampling, "logprobs": 2}
+    with pytest.raises(WorkerRequestError) as info:
+        async for _ in backend.generate(message):
+            pass
+    assert info.value.kind == "context"
+    sent = fake.requests[-1]
+    assert sent["presence_penalty"] == 0.5 and sent["logit_bias"] == {"7": -100.0}
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 2
 
 
 async def test_generate_through_worker_process() -> None:
