@@ -143,8 +143,8 @@ class Final:
     """The last event of every generation.
 
     `logprobs`: generated tokens not yet sent with a delta (held back, or ending the text).
-    `prompt_logprobs`: with `GenerationRequest.prompt_logprobs`, one entry per prompt token after the
-    first (the first has no context to be predicted from), as `/v1/completions` `echo` reports them.
+    `prompt_logprobs`: with `GenerationRequest.prompt_logprobs`, one entry per prompt token, as
+    `/v1/completions` `echo` reports them; the first token's logprob is NaN (nothing predicts it).
     """
 
     usage: Usage

@@ -690,6 +690,9 @@ class TransformersModel:
         chunk = ids[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
         inputs = {"input_ids": torch.tensor([chunk], device=rt.device)}
         if job.prompt_logprobs:
+            if seq.prefilled == 0:  # nothing predicts the first token: its logprob is NaN (JSON null)
+                first = TokenLogprob(token_id=ids[0], text=rt.token_text(ids[0]), logprob=math.nan)
+                seq.prompt_logprobs.append(first)
             every = rt.forward_all(inputs, seq.cache)  # [n, V]: position j predicts prompt token j + 1
             nxt = ids[seq.prefilled + 1 : seq.prefilled + len(chunk) + 1]
             if nxt:

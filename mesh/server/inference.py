@@ -33,8 +33,11 @@ from helexa.engine.base import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    LoadedModel,
     RequestId,
     SamplingParams,
+    TokenLogprob,
+    Usage,
 )
 from helexa.engine.base import Final as FinalEvent
 from helexa.mesh import sse
@@ -138,8 +141,21 @@ class _Job:
     sampling: openai_wire.SamplingOverrides
     stream: bool
     include_usage: bool
-    prompt: str | None = None
+    prompts: tuple[openai_wire.PromptInput, ...] = ()  # completions: one or more
     messages: tuple[ChatMessage, ...] | None = None
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Choice:
+    """One generation of a request: `n` per prompt, numbered prompt by prompt as OpenAI numbers them."""
+
+    index: int
+    generation: GenerationRequest
+    echo: str | None = None  # the prompt text to put in front (`echo` with a text prompt)
+    first_of_prompt: bool = True  # counts the prompt's tokens in the usage (once per prompt)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -232,16 +248,78 @@ def _parse(kind: Kind, body: bytes) -> _Job:
             stream=chat.stream,
             include_usage=chat.include_usage,
             messages=chat.messages,
+            n=chat.n,
+            logprobs=chat.logprobs,
         )
     completion = openai_wire.parse_completion_request(body)
+    if (
+        completion.stream
+        and completion.echo
+        and (completion.logprobs is not None or any(not isinstance(p, str) for p in completion.all_prompts))
+    ):
+        raise InvalidRequest(
+            "'echo' of prompt logprobs or of token-id prompts is not streamed; send 'stream': false.",
+            param="echo",
+        )
     return _Job(
         kind=kind,
         model=completion.model,
         sampling=completion.sampling,
         stream=completion.stream,
         include_usage=completion.include_usage,
-        prompt=completion.prompt,
+        prompts=completion.all_prompts,
+        n=completion.n,
+        logprobs=completion.logprobs,
+        echo=completion.echo,
     )
+
+
+def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choice]:
+    """The generations `job` asks for. With `n > 1` and a seed, choice j uses seed + j (the same seed
+    for all would give n identical samples)."""
+
+    def seeded(j: int) -> SamplingParams:
+        if job.n == 1 or sampling.seed is None:
+            return sampling
+        return dataclasses.replace(sampling, seed=sampling.seed + j)
+
+    def rid(index: int) -> RequestId:
+        return RequestId(request_id if index == 0 else f"{request_id}-{index}")
+
+    if job.messages is not None:
+        return [
+            _Choice(
+                index=j,
+                generation=GenerationRequest(
+                    request_id=rid(j), sampling=seeded(j), messages=job.messages, logprobs=job.logprobs
+                ),
+                first_of_prompt=j == 0,
+            )
+            for j in range(job.n)
+        ]
+    out: list[_Choice] = []
+    for p, prompt in enumerate(job.prompts):
+        text = prompt if isinstance(prompt, str) else None
+        for j in range(job.n):
+            index = p * job.n + j
+            generation = GenerationRequest(
+                request_id=rid(index),
+                sampling=seeded(j),
+                prompt=text,
+                prompt_ids=None if isinstance(prompt, str) else prompt,
+                logprobs=job.logprobs,
+                # Echo needs the prompt's own logprobs, and the text of a token-id prompt.
+                prompt_logprobs=job.echo and (job.logprobs is not None or text is None),
+            )
+            out.append(
+                _Choice(
+                    index=index,
+                    generation=generation,
+                    echo=text if job.echo else None,
+                    first_of_prompt=j == 0,
+                )
+            )
+    return out
 
 
 def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: int | None) -> SamplingParams:
@@ -265,13 +343,21 @@ def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: i
 
 
 def _fit_to_model(
-    job: _Job, decision: LocalDecision, generation: GenerationRequest, context_length: int
-) -> GenerationRequest:
+    job: _Job, decision: LocalDecision, choices: list[_Choice], context_length: int
+) -> list[_Choice]:
     """Check `max_tokens` again against the loaded model's own context length (known only now)."""
     if context_length <= 0 or context_length == decision.entry.context_length:
-        return generation
+        return choices
     sampling = _sampling_for(job, decision.entry.defaults, context_length)
-    return dataclasses.replace(generation, sampling=sampling)
+    return [
+        dataclasses.replace(
+            c,
+            generation=dataclasses.replace(
+                c.generation, sampling=dataclasses.replace(sampling, seed=c.generation.sampling.seed)
+            ),
+        )
+        for c in choices
+    ]
 
 
 async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.StreamResponse:
@@ -292,20 +378,26 @@ async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.Str
         listing = cortex.get_model(decision.entry.id)
         cold = listing is None or not listing.loaded
     sampling = _sampling_for(job, decision.entry.defaults, decision.entry.context_length)
-    generation = GenerationRequest(
-        request_id=RequestId(
-            openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
-        ),
-        sampling=sampling,
-        prompt=job.prompt,
-        messages=job.messages,
-    )
+    request_id = openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
+    choices = _choices(job, request_id, sampling)
     if job.stream:
         return await _stream(
-            request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+            request,
+            job=job,
+            decision=decision,
+            request_id=request_id,
+            choices=choices,
+            cold=cold,
+            outcome=outcome,
         )
     return await _collect(
-        request, job=job, decision=decision, generation=generation, cold=cold, outcome=outcome
+        request,
+        job=job,
+        decision=decision,
+        request_id=request_id,
+        choices=choices,
+        cold=cold,
+        outcome=outcome,
     )
 
 
@@ -344,12 +436,79 @@ class _Timing:
             self.metrics.observe_inter_token(model=self.model, seconds=now - self.last)
         self.last = now
 
-    def done(self, final: FinalEvent) -> None:
-        self.outcome.prompt_tokens = final.usage.prompt_tokens
-        self.outcome.completion_tokens = final.usage.completion_tokens
+    def done(self, usage: Usage) -> None:
+        self.outcome.prompt_tokens = usage.prompt_tokens
+        self.outcome.completion_tokens = usage.completion_tokens
         self.metrics.add_tokens(
-            model=self.model, prompt=final.usage.prompt_tokens, completion=final.usage.completion_tokens
+            model=self.model, prompt=usage.prompt_tokens, completion=usage.completion_tokens
         )
+
+
+class _Merged:
+    """The events of several generations as one stream of `(choice index, event)`, in arrival order.
+
+    Each generation is read by its own task; closing the merged stream (on every exit path) cancels the
+    readers and closes every generator, which aborts the requests inside the engine.
+    """
+
+    def __init__(self, model: LoadedModel, choices: list[_Choice]) -> None:
+        self._queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException]] = asyncio.Queue()
+        self._streams = [(c.index, model.generate(c.generation)) for c in choices]
+        self._tasks = [asyncio.ensure_future(self._read(i, events)) for i, events in self._streams]
+        self._open = len(self._tasks)
+
+    async def _read(self, index: int, events: AsyncIterator[GenerationEvent]) -> None:
+        try:
+            async for event in events:
+                self._queue.put_nowait((index, event))
+        except Exception as exc:
+            self._queue.put_nowait((index, exc))
+
+    async def next(self) -> tuple[int, GenerationEvent] | None:
+        """The next event of any generation; None once every one has sent its `Final`."""
+        if self._open == 0:
+            return None
+        index, item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, FinalEvent):
+            self._open -= 1
+        return index, item
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, events in self._streams:
+            await _aclose(events)
+
+
+def _total(finals: dict[int, FinalEvent], choices: list[_Choice]) -> Usage:
+    """Usage over every choice: each prompt's tokens once, every choice's completion tokens."""
+    prompt = sum(finals[c.index].usage.prompt_tokens for c in choices if c.first_of_prompt)
+    completion = sum(f.usage.completion_tokens for f in finals.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+
+def _choice_logprobs(
+    kind: Kind, choice: _Choice, entries: list[TokenLogprob], final: FinalEvent
+) -> dict[str, object] | None:
+    if choice.generation.logprobs is None:
+        return None
+    if kind == "chat":
+        return openai_wire.chat_logprobs(entries)
+    prompt = (
+        list(final.prompt_logprobs) if choice.echo is not None or choice.generation.prompt is None else []
+    )
+    return openai_wire.completion_logprobs([*prompt, *entries] if prompt else entries)
+
+
+def _echo_text(choice: _Choice, final: FinalEvent) -> str:
+    if choice.echo is not None:
+        return choice.echo
+    if choice.generation.prompt_logprobs and choice.generation.prompt is None:
+        return "".join(e.text for e in final.prompt_logprobs)  # a token-id prompt, decoded
+    return ""
 
 
 async def _collect(
@@ -357,38 +516,48 @@ async def _collect(
     *,
     job: _Job,
     decision: LocalDecision,
-    generation: GenerationRequest,
+    request_id: str,
+    choices: list[_Choice],
     cold: bool,
     outcome: _Outcome,
 ) -> web.StreamResponse:
     timing = _Timing(request, outcome, cold)
-    pieces: list[str] = []
-    final: FinalEvent | None = None
+    pieces: dict[int, list[str]] = {c.index: [] for c in choices}
+    entries: dict[int, list[TokenLogprob]] = {c.index: [] for c in choices}
+    finals: dict[int, FinalEvent] = {}
     async with decision.acquire() as model:
-        generation = _fit_to_model(job, decision, generation, model.context_length)
-        events = model.generate(generation)
+        choices = _fit_to_model(job, decision, choices, model.context_length)
+        merged = _Merged(model, choices)
         try:
-            async for event in events:
+            while (item := await merged.next()) is not None:
+                index, event = item
                 if isinstance(event, Delta):
                     if event.text:
                         timing.token()
-                        pieces.append(event.text)
+                        pieces[index].append(event.text)
+                    entries[index] += event.logprobs
                 else:
-                    final = event
+                    finals[index] = event
+                    entries[index] += event.logprobs
         finally:
-            await _aclose(events)
-    if final is None:
+            await merged.aclose()
+    if len(finals) != len(choices):
         raise ModelFault("the model ended without a result")
-    timing.done(final)
+    usage = _total(finals, choices)
+    timing.done(usage)
+    outputs = [
+        openai_wire.ChoiceOutput(
+            index=c.index,
+            text=(_echo_text(c, finals[c.index]) if job.echo else "") + "".join(pieces[c.index]),
+            finish_reason=finals[c.index].finish_reason,
+            logprobs=_choice_logprobs(job.kind, c, entries[c.index], finals[c.index]),
+        )
+        for c in choices
+    ]
     builder = openai_wire.chat_completion if job.kind == "chat" else openai_wire.text_completion
     return json_body_response(
         builder(
-            id=generation.request_id,
-            model=decision.entry.id,
-            created=int(time.time()),
-            text="".join(pieces),
-            finish_reason=final.finish_reason,
-            usage=final.usage,
+            id=request_id, model=decision.entry.id, created=int(time.time()), choices=outputs, usage=usage
         )
     )
 
@@ -398,7 +567,8 @@ async def _stream(
     *,
     job: _Job,
     decision: LocalDecision,
-    generation: GenerationRequest,
+    request_id: str,
+    choices: list[_Choice],
     cold: bool,
     outcome: _Outcome,
 ) -> web.StreamResponse:
@@ -406,27 +576,57 @@ async def _stream(
     interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
     timing = _Timing(request, outcome, cold)
     chat = job.kind == "chat"
-    ident, model_id, created = generation.request_id, decision.entry.id, int(time.time())
+    model_id, created = decision.entry.id, int(time.time())
+    offsets = {c.index: 0 for c in choices}  # completions' logprob text offsets, per choice
 
     async def start() -> None:
         if not response.prepared:
             await response.prepare(request)
 
-    def chunk(text: str | None, finish: FinishReason | None = None, role: bool = False) -> bytes:
+    def logprobs(index: int, entries: tuple[TokenLogprob, ...], text: str) -> dict[str, object] | None:
+        if job.logprobs is None:
+            return None
+        if chat:
+            return openai_wire.chat_logprobs(entries)
+        out = openai_wire.completion_logprobs(entries, offset=offsets[index])
+        offsets[index] += len(text)
+        return out
+
+    def chunk(
+        index: int,
+        text: str | None,
+        finish: FinishReason | None = None,
+        role: bool = False,
+        entries: tuple[TokenLogprob, ...] = (),
+    ) -> bytes:
+        lp = logprobs(index, entries, text or "") if (entries or finish is None) and not role else None
         if chat:
             data = openai_wire.chat_chunk(
-                id=ident, model=model_id, created=created, content=text, role=role, finish_reason=finish
+                id=request_id,
+                model=model_id,
+                created=created,
+                content=text,
+                role=role,
+                finish_reason=finish,
+                index=index,
+                logprobs=lp,
             )
         else:
             data = openai_wire.completion_chunk(
-                id=ident, model=model_id, created=created, text=text or "", finish_reason=finish
+                id=request_id,
+                model=model_id,
+                created=created,
+                text=text or "",
+                finish_reason=finish,
+                index=index,
+                logprobs=lp,
             )
         return sse.event(data)
 
     async def fail(exc: Exception) -> web.StreamResponse:
         err = to_helexa_error(exc)
         outcome.status = err.status
-        logger.warning("stream %s failed after it started: %s", ident, err.message)
+        logger.warning("stream %s failed after it started: %s", request_id, err.message)
         await _write_quietly(response, sse.error_event(err))
         return response
 
@@ -436,10 +636,10 @@ async def _stream(
             try:
                 async with sse.keepalive(start, response.write, interval_s):
                     model = await stack.enter_async_context(decision.acquire())
-                    generation = _fit_to_model(job, decision, generation, model.context_length)
-                    events = model.generate(generation)
-                    stack.push_async_callback(_aclose, events)
-                    first = await anext(events, None)
+                    choices = _fit_to_model(job, decision, choices, model.context_length)
+                    merged = _Merged(model, choices)
+                    stack.push_async_callback(merged.aclose)
+                    first = await merged.next()
             except Exception as exc:
                 if not response.prepared:
                     raise  # nothing sent yet: the middleware answers with the real status
@@ -451,32 +651,51 @@ async def _stream(
                     await start()
                 except ConnectionError as exc:
                     raise _ClientGone() from exc
-                if chat:
-                    await _write(response, chunk("", role=True))
-                event = first
-                final: FinalEvent | None = None
-                while event is not None:
+                for c in choices:
+                    if chat:
+                        await _write(response, chunk(c.index, "", role=True))
+                    elif c.echo:
+                        await _write(
+                            response,
+                            sse.event(
+                                openai_wire.completion_chunk(
+                                    id=request_id, model=model_id, created=created, text=c.echo, index=c.index
+                                )
+                            ),
+                        )
+                finals: dict[int, FinalEvent] = {}
+                item = first
+                while item is not None:
+                    index, event = item
                     if isinstance(event, Delta):
                         if event.text:
                             timing.token()
-                            await _write(response, chunk(event.text))
+                            await _write(response, chunk(index, event.text, entries=event.logprobs))
                     else:
-                        final = event
-                        break
-                    event = await anext(events, None)
-                if final is None:
+                        finals[index] = event
+                        await _write(
+                            response,
+                            chunk(
+                                index,
+                                None if chat else "",
+                                finish=event.finish_reason,
+                                entries=event.logprobs,
+                            ),
+                        )
+                    item = await merged.next()
+                if len(finals) != len(choices):
                     raise ModelFault("the model ended without a result")
-                timing.done(final)
-                await _write(response, chunk(None if chat else "", finish=final.finish_reason))
+                usage = _total(finals, choices)
+                timing.done(usage)
                 if job.include_usage:
                     usage_chunk = openai_wire.chat_usage_chunk if chat else openai_wire.completion_usage_chunk
                     await _write(
                         response,
-                        sse.event(usage_chunk(id=ident, model=model_id, created=created, usage=final.usage)),
+                        sse.event(usage_chunk(id=request_id, model=model_id, created=created, usage=usage)),
                     )
                 await _write(response, sse.DONE)
             except _ClientGone as exc:
-                logger.debug("stream %s: client gone: %r", ident, exc)
+                logger.debug("stream %s: client gone: %r", request_id, exc)
                 outcome.status = CLIENT_CLOSED_STATUS
                 return response
             except Exception as exc:

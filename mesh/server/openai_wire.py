@@ -16,6 +16,7 @@ Responses: builders return the encoded bytes (orjson), ready for the body or an 
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from helexa.engine.base import ChatMessage, FinishReason, Role, SamplingParams, Usage
+from helexa.engine.base import ChatMessage, FinishReason, Role, SamplingParams, TokenLogprob, Usage
 from helexa.mesh.errors import InvalidRequest
 from helexa.mesh.routing.decisions import ModelListing
 
@@ -62,6 +63,10 @@ class SamplingOverrides:
     ignore_eos: bool = False
 
 
+# One prompt of `/v1/completions`: text, or token ids.
+PromptInput = str | tuple[int, ...]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChatCompletionRequest:
     model: str
@@ -70,16 +75,26 @@ class ChatCompletionRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    n: int = 1
+    logprobs: int | None = None  # None: not asked; else how many alternatives (`top_logprobs`)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CompletionRequest:
     model: str
-    prompt: str
+    prompt: str  # the first prompt's text ("" for token ids)
     sampling: SamplingOverrides
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    prompts: tuple[PromptInput, ...] = ()  # every prompt (a list of strings or of token-id lists)
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+    @property
+    def all_prompts(self) -> tuple[PromptInput, ...]:
+        return self.prompts or (self.prompt,)
 
 
 def resolve_sampling(overrides: SamplingOverrides, defaults: Mapping[str, float | int]) -> SamplingParams:
@@ -306,9 +321,6 @@ def _sampling(data: Mapping[str, Any]) -> SamplingOverrides:
             param="repetition_penalty",
             code="invalid_value",
         )
-    n = _integer(data, "n", 1, 128)
-    if n is not None and n != 1:
-        raise _unsupported("n", "n > 1 (several choices per request)")
     max_tokens_param = "max_tokens"
     max_tokens = _integer(data, "max_tokens", 1, 2**31 - 1)
     max_completion_tokens = _integer(data, "max_completion_tokens", 1, 2**31 - 1)
@@ -459,10 +471,6 @@ def _refuse_chat_features(data: Mapping[str, Any]) -> None:
     function_call = data.get("function_call")
     if function_call not in (None, "none", "auto"):
         raise _unsupported("function_call", "function calling")
-    if _boolean(data, "logprobs"):
-        raise _unsupported("logprobs", "logprobs")
-    if data.get("top_logprobs") is not None:
-        raise _unsupported("top_logprobs", "logprobs")
     response_format = data.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict):
@@ -475,6 +483,24 @@ def _refuse_chat_features(data: Mapping[str, Any]) -> None:
     modalities = data.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", "output modalities other than text")
+
+
+# Choices one request may ask for (n x prompts): each is a generation; this bounds what one costs.
+MAX_CHOICES = 128
+# Alternatives per token: OpenAI's cap for chat `top_logprobs` is 20; completions' legacy `logprobs` is 5,
+# which vLLM (and this agent) extend to 20.
+MAX_TOP_LOGPROBS = 20
+
+
+def _chat_logprobs(data: Mapping[str, Any]) -> int | None:
+    top = _integer(data, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if not _boolean(data, "logprobs"):
+        if top is not None:
+            raise InvalidRequest(
+                "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs", code="invalid_value"
+            )
+        return None
+    return top or 0
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -493,50 +519,81 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         stream=stream,
         include_usage=include_usage,
         user=user,
+        n=_integer(data, "n", 1, MAX_CHOICES) or 1,
+        logprobs=_chat_logprobs(data),
     )
 
 
-def _prompt(data: Mapping[str, Any]) -> str:
-    """The prompt. `null` is allowed (OpenAI's spec: nullable, "as if from the beginning of a new
-    document"): an empty prompt, which the engines start from the beginning-of-sequence token."""
+def _token_ids(value: list[Any], param: str) -> tuple[int, ...]:
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_TOKEN_ID:
+            raise _invalid_type(f"{param}[{i}]", "a token id (a non-negative integer)", v)
+    return tuple(value)
+
+
+def _prompts(data: Mapping[str, Any]) -> tuple[PromptInput, ...]:
+    """The prompts: a string, a list of strings, a list of token ids, or a list of token-id lists.
+    `null` is allowed (OpenAI's spec: nullable, "as if from the beginning of a new document"): an empty
+    prompt, which the engines start from the beginning-of-sequence token."""
     if "prompt" in data and data["prompt"] is None:
-        return ""
+        return ("",)
     value = data.get("prompt")
     if value is None:
         raise InvalidRequest(
             "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
         )
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str):
-            return value[0]
-        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise _unsupported("prompt", "a prompt of token ids")
-        if len(value) > 1:
-            raise _unsupported("prompt", "several prompts in one request")
-    raise _invalid_type("prompt", "a string", value)
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise _invalid_type("prompt", "a string, an array of strings or an array of token ids", value)
+    if len(value) > MAX_CHOICES:
+        raise InvalidRequest(
+            f"'prompt' may hold at most {MAX_CHOICES} prompts.", param="prompt", code="invalid_value"
+        )
+    if all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return (_token_ids(value, "prompt"),)
+    out: list[PromptInput] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, list) or not item:
+            raise _invalid_type(f"prompt[{i}]", "a non-empty array of token ids", item)
+        out.append(_token_ids(item, f"prompt[{i}]"))
+    return tuple(out)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """Parse and validate a `POST /v1/completions` body."""
     data = _decode(body)
     model = _model(data)
-    prompt = _prompt(data)
-    if _boolean(data, "echo"):
-        raise _unsupported("echo", "echo")
-    if data.get("logprobs") is not None:
-        raise _unsupported("logprobs", "logprobs")
+    prompts = _prompts(data)
+    echo = bool(_boolean(data, "echo"))
+    logprobs = _integer(data, "logprobs", 0, MAX_TOP_LOGPROBS)
     if data.get("suffix") is not None:
         raise _unsupported("suffix", "suffix (insertion)")
+    n = _integer(data, "n", 1, MAX_CHOICES) or 1
     best_of = _integer(data, "best_of", 0, 20)
-    if best_of is not None and best_of > 1:
-        raise _unsupported("best_of", "best_of > 1")
+    if best_of is not None and best_of > n:
+        raise _unsupported("best_of", "best_of greater than n")
+    if n * len(prompts) > MAX_CHOICES:
+        raise InvalidRequest(
+            f"'n' times the number of prompts may be at most {MAX_CHOICES}.", param="n", code="invalid_value"
+        )
     sampling = _sampling(data)
     stream, include_usage = _streaming(data)
     user = _common(data)
+    first = prompts[0]
     return CompletionRequest(
-        model=model, prompt=prompt, sampling=sampling, stream=stream, include_usage=include_usage, user=user
+        model=model,
+        prompt=first if isinstance(first, str) else "",
+        prompts=prompts if len(prompts) > 1 or not isinstance(first, str) else (),
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        user=user,
+        n=n,
+        logprobs=logprobs,
+        echo=echo,
     )
 
 
@@ -582,21 +639,85 @@ def _response(
     return orjson.dumps(body)
 
 
-def _text_choice(text: str, finish_reason: FinishReason | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChoiceOutput:
+    """One finished choice of a non-streamed response; `logprobs` already in the route's shape."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None = None
+
+
+def _logprob(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}`."""
+    return {
+        "content": [
+            {
+                "token": e.text,
+                "logprob": e.logprob,
+                "bytes": list(e.text.encode()),
+                "top_logprobs": [
+                    {"token": text, "logprob": lp, "bytes": list(text.encode())} for _, text, lp in e.top
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], *, offset: int = 0) -> dict[str, Any]:
+    """A completion choice's legacy `logprobs`: parallel lists of tokens, their logprobs (None for an
+    echoed prompt's first token, which nothing predicts), the top alternatives and text offsets
+    (characters from the start of the choice's text, counting from `offset`)."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for e in entries:
+        tokens.append(e.text)
+        value = _logprob(e.logprob)
+        values.append(value)
+        tops.append(None if value is None else {text: lp for _, text, lp in e.top})
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _text_choice(
+    text: str, finish_reason: FinishReason | None, *, index: int = 0, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _chat_choice(choice: ChoiceOutput) -> dict[str, Any]:
+    return {
+        "index": choice.index,
+        "message": {"role": "assistant", "content": choice.text, "refusal": None},
+        "logprobs": choice.logprobs,
+        "finish_reason": choice.finish_reason,
+    }
 
 
 def chat_completion(
-    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
+    *,
+    id: str,
+    model: str,
+    created: int,
+    usage: Usage,
+    text: str = "",
+    finish_reason: FinishReason = "stop",
+    choices: Sequence[ChoiceOutput] | None = None,
 ) -> bytes:
-    """A non-streamed `chat.completion` object."""
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text, "refusal": None},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    return _response("chat.completion", id=id, model=model, created=created, choices=[choice], usage=usage)
+    """A non-streamed `chat.completion` object: one choice (`text`, `finish_reason`) or `choices`."""
+    outs = choices if choices is not None else [ChoiceOutput(index=0, text=text, finish_reason=finish_reason)]
+    body = [_chat_choice(c) for c in outs]
+    return _response("chat.completion", id=id, model=model, created=created, choices=body, usage=usage)
 
 
 def chat_chunk(
@@ -607,6 +728,8 @@ def chat_chunk(
     content: str | None = None,
     role: bool = False,
     finish_reason: FinishReason | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> bytes:
     """One `chat.completion.chunk`: `role=True` in the first chunk, content deltas, then a chunk with
     `finish_reason` (and an empty delta)."""
@@ -615,7 +738,7 @@ def chat_chunk(
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _response("chat.completion.chunk", id=id, model=model, created=created, choices=[choice])
 
 
@@ -625,18 +748,33 @@ def chat_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> byte
 
 
 def text_completion(
-    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason, usage: Usage
+    *,
+    id: str,
+    model: str,
+    created: int,
+    usage: Usage,
+    text: str = "",
+    finish_reason: FinishReason = "stop",
+    choices: Sequence[ChoiceOutput] | None = None,
 ) -> bytes:
-    """A non-streamed `text_completion` object."""
-    choices = [_text_choice(text, finish_reason)]
-    return _response("text_completion", id=id, model=model, created=created, choices=choices, usage=usage)
+    """A non-streamed `text_completion` object: one choice (`text`, `finish_reason`) or `choices`."""
+    outs = choices if choices is not None else [ChoiceOutput(index=0, text=text, finish_reason=finish_reason)]
+    body = [_text_choice(c.text, c.finish_reason, index=c.index, logprobs=c.logprobs) for c in outs]
+    return _response("text_completion", id=id, model=model, created=created, choices=body, usage=usage)
 
 
 def completion_chunk(
-    *, id: str, model: str, created: int, text: str, finish_reason: FinishReason | None = None
+    *,
+    id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: FinishReason | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> bytes:
     """One streamed `text_completion` chunk (the same shape as the full object, minus usage)."""
-    choices = [_text_choice(text, finish_reason)]
+    choices = [_text_choice(text, finish_reason, index=index, logprobs=logprobs)]
     return _response("text_completion", id=id, model=model, created=created, choices=choices)
 
 

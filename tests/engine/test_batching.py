@@ -4,6 +4,7 @@ per-request sampling pipeline acts per sequence inside the batch."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -335,8 +336,9 @@ async def test_prompt_logprobs_and_token_id_prompts(model: TransformersModel) ->
     _, final = await _logprob_run(model, request)
     assert final.usage.prompt_tokens == len(prompt)
     reference = _reference_logprobs(model, prompt)
-    assert [e.token_id for e in final.prompt_logprobs] == prompt[1:]
-    for j, entry in enumerate(final.prompt_logprobs):
+    assert [e.token_id for e in final.prompt_logprobs] == prompt
+    assert math.isnan(final.prompt_logprobs[0].logprob)
+    for j, entry in enumerate(final.prompt_logprobs[1:]):
         assert entry.logprob == pytest.approx(float(reference[j][prompt[j + 1]]), abs=1e-3)
     with pytest.raises(RequestError):
         await collect(model, GenerationRequest(request_id=RequestId("bad"), prompt_ids=(10**7,)))

@@ -188,11 +188,13 @@ async def test_bad_chat_bodies_are_400_envelopes(
     [
         (b'{"model": "m"}', "prompt"),
         (b'{"model": "m", "prompt": 3}', "prompt"),
-        (b'{"model": "m", "prompt": [1, 2, 3]}', "prompt"),
-        (b'{"model": "m", "prompt": ["a", "b"]}', "prompt"),
-        (b'{"model": "m", "prompt": "x", "echo": true}', "echo"),
+        (b'{"model": "m", "prompt": [1, -2, 3]}', "prompt[1]"),
+        (b'{"model": "m", "prompt": [[1], "b"]}', "prompt[1]"),
+        (b'{"model": "m", "prompt": []}', "prompt"),
+        (b'{"model": "m", "prompt": "x", "echo": true, "logprobs": 1, "stream": true}', "echo"),
         (b'{"model": "m", "prompt": "x", "best_of": 3}', "best_of"),
-        (b'{"model": "m", "prompt": "x", "logprobs": 2}', "logprobs"),
+        (b'{"model": "m", "prompt": "x", "logprobs": 21}', "logprobs"),
+        (b'{"model": "m", "prompt": ["a", "b"], "n": 65}', "n"),
         (b'{"model": "m", "prompt": "x", "suffix": "y"}', "suffix"),
     ],
 )

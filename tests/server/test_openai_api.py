@@ -116,6 +116,14 @@ async def test_completions_non_stream(edge: Edge) -> None:
     assert edge.cortex.slots[MODEL].loaded.requests[-1].prompt == "Once upon"
 
 
+async def test_completions_prompt_null_is_a_new_document(edge: Edge) -> None:
+    """Issue 12 item 11: OpenAI's spec makes `prompt` nullable (`null`: generate as from the start of a
+    new document); it was refused with a 400."""
+    reply = await edge.client.completions.create(model=MODEL, prompt=None, max_tokens=2)  # type: ignore[arg-type]
+    assert reply.choices[0].text == "".join(DEFAULT_TOKENS[:2])
+    assert edge.cortex.slots[MODEL].loaded.requests[-1].prompt == ""
+
+
 async def test_completions_stream_with_usage(edge: Edge) -> None:
     stream = await edge.lax_client.completions.create(
         model=MODEL, prompt="Once", stream=True, stream_options={"include_usage": True}
@@ -175,11 +183,12 @@ async def test_model_unavailable_is_503_with_retry_after(edge: Edge) -> None:
     [
         ({"temperature": 3}, "temperature"),
         ({"top_p": -0.5}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 129}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -3}, "max_completion_tokens"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),

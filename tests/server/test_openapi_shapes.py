@@ -182,8 +182,18 @@ async def test_served_bodies_match_the_spec(edge: Edge, schemas: dict[str, Any])
             _check(await resp.json(), "ListModelsResponse", schemas)
         async with session.get(f"{edge.base_url}/models/test/tiny-chat") as resp:
             _check(await resp.json(), "Model", schemas)
-        async with session.post(f"{edge.base_url}/chat/completions", json={**chat, "n": 3}) as resp:
+        async with session.post(f"{edge.base_url}/chat/completions", json={**chat, "n": 129}) as resp:
             _check(await resp.json(), "ErrorResponse", schemas)
+        several = {**chat, "n": 3, "logprobs": True, "top_logprobs": 2}
+        async with session.post(f"{edge.base_url}/chat/completions", json=several) as resp:
+            body = await resp.json()
+            _check(body, "CreateChatCompletionResponse", schemas)
+            assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        echoed = {"model": "tiny", "prompt": ["x", "y"], "n": 2, "logprobs": 1, "echo": True}
+        async with session.post(f"{edge.base_url}/completions", json=echoed) as resp:
+            body = await resp.json()
+            _check(body, "CreateCompletionResponse", schemas)
+            assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
 
 
 def test_built_bodies_match_the_spec(schemas: dict[str, Any]) -> None:
