@@ -51,6 +51,11 @@ class TokenConstraint(Protocol):
 
     def accept(self, token_id: int) -> None: ...
 
+    def remaining(self, tokens: int) -> None:
+        """How many tokens are left before `max_tokens` ends the generation (told before each mask), so
+        the constraint can steer toward a complete output while there is still room."""
+        ...
+
     @property
     def done(self) -> bool: ...
 
@@ -89,6 +94,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ResponseFormat:
+    """Structured output the engine must enforce by constrained decoding (never hoped for).
+
+    `json_object`: any JSON object; `json_schema`: a JSON value valid under `schema`. The engine refuses
+    a schema it cannot enforce with a `RequestError` naming the feature.
+    """
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    # Where the schema came from in the client's request (errors name it).
+    param: str = "response_format"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationRequest:
     """Exactly one of `prompt` (raw completion) and `messages` (chat, rendered by the chat template)."""
 
@@ -103,6 +122,8 @@ class GenerationRequest:
     logprobs: int | None = None
     # Log probabilities of the prompt's own tokens (completions `echo` with `logprobs`).
     prompt_logprobs: bool = False
+    # Structured output, enforced by constrained decoding.
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

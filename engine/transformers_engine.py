@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import inspect
 import logging
@@ -56,7 +57,9 @@ from .base import (
     ModelId,
     ProgressCallback,
     RequestId,
+    ResponseFormat,
     SamplingParams,
+    TokenConstraint,
     TokenLogprob,
     Usage,
 )
@@ -366,10 +369,14 @@ class TransformersModel:
         """Stream the generation for `request`; see `LoadedModel.generate`."""
         self._check_usable()
         prompt_ids = await asyncio.to_thread(self._prepare, request)
+        sampling = request.sampling
+        if request.response_format is not None:
+            constraint = await asyncio.to_thread(self._constraint, request.response_format)
+            sampling = dataclasses.replace(sampling, constraint=constraint)
         job = _Job(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
-            sampling=request.sampling,
+            sampling=sampling,
             loop=asyncio.get_running_loop(),
             logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs,
@@ -466,6 +473,13 @@ class TransformersModel:
             param=param,
         )
         return ids
+
+    def _constraint(self, fmt: ResponseFormat) -> TokenConstraint:
+        """A fresh constraint enforcing `fmt` (its grammar checked first: `RequestError` if it cannot be)."""
+        from .grammar import compile_format  # noqa: PLC0415 -- lazy: llguidance and torch
+
+        runtime = self._check_usable()
+        return compile_format(runtime.tokenizer, fmt)()
 
     def _prepare_ids(self, runtime: _Runtime, request: GenerationRequest) -> list[int]:
         """A prompt given as token ids: each must exist in the vocabulary."""
@@ -567,6 +581,8 @@ class TransformersModel:
                         else new_generator(rt.device, job.sampling.seed),
                         prompt_ids=job.prompt_ids,
                     )
+                    if job.sampling.constraint is not None:
+                        job.sampling.constraint.remaining(max_new)
                     reused_cache, reused, first_logits = (
                         (None, 0, None)
                         if job.prompt_logprobs
@@ -745,6 +761,8 @@ class TransformersModel:
             seq.finish = "length"
         else:
             seq.last = token
+            if constraint is not None:
+                constraint.remaining(seq.max_new - seq.completion)
 
     def _end(self, seq: _Seq) -> None:
         """Flush what the detokenizer and the stop matcher held back; send the `Final`."""

@@ -35,6 +35,7 @@ from helexa.engine.base import (
     GenerationRequest,
     LoadedModel,
     RequestId,
+    ResponseFormat,
     SamplingParams,
     TokenLogprob,
     Usage,
@@ -146,6 +147,7 @@ class _Job:
     n: int = 1
     logprobs: int | None = None
     echo: bool = False
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -250,6 +252,7 @@ def _parse(kind: Kind, body: bytes) -> _Job:
             messages=chat.messages,
             n=chat.n,
             logprobs=chat.logprobs,
+            response_format=chat.response_format,
         )
     completion = openai_wire.parse_completion_request(body)
     if (
@@ -291,7 +294,11 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
             _Choice(
                 index=j,
                 generation=GenerationRequest(
-                    request_id=rid(j), sampling=seeded(j), messages=job.messages, logprobs=job.logprobs
+                    request_id=rid(j),
+                    sampling=seeded(j),
+                    messages=job.messages,
+                    logprobs=job.logprobs,
+                    response_format=job.response_format,
                 ),
                 first_of_prompt=j == 0,
             )

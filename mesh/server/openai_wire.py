@@ -24,7 +24,15 @@ from typing import Any, Final
 
 import orjson
 
-from helexa.engine.base import ChatMessage, FinishReason, Role, SamplingParams, TokenLogprob, Usage
+from helexa.engine.base import (
+    ChatMessage,
+    FinishReason,
+    ResponseFormat,
+    Role,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 from helexa.mesh.errors import InvalidRequest
 from helexa.mesh.routing.decisions import ModelListing
 
@@ -77,6 +85,7 @@ class ChatCompletionRequest:
     user: str | None = None
     n: int = 1
     logprobs: int | None = None  # None: not asked; else how many alternatives (`top_logprobs`)
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -471,13 +480,6 @@ def _refuse_chat_features(data: Mapping[str, Any]) -> None:
     function_call = data.get("function_call")
     if function_call not in (None, "none", "auto"):
         raise _unsupported("function_call", "function calling")
-    response_format = data.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise _invalid_type("response_format", "an object", response_format)
-        kind = response_format.get("type")
-        if kind != "text":
-            raise _unsupported("response_format.type", f"response_format '{kind}' (only 'text')")
     if data.get("audio") is not None:
         raise _unsupported("audio", "audio output")
     modalities = data.get("modalities")
@@ -503,6 +505,58 @@ def _chat_logprobs(data: Mapping[str, Any]) -> int | None:
     return top or 0
 
 
+# A JSON schema larger than this is refused before it reaches the grammar compiler.
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def _response_format(data: Mapping[str, Any]) -> ResponseFormat | None:
+    """`response_format`: `text` (None), `json_object`, or `json_schema` with its `schema`."""
+    value = data.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid_type("response_format", "an object", value)
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat(type="json_object", param="response_format")
+    if kind != "json_schema":
+        raise InvalidRequest(
+            f"Invalid value for 'response_format.type': {kind!r:.40}. Supported values are: 'text', "
+            "'json_object' and 'json_schema'.",
+            param="response_format.type",
+            code="invalid_value",
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        if spec is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'response_format.json_schema'.",
+                param="response_format.json_schema",
+                code="missing_required_parameter",
+            )
+        raise _invalid_type("response_format.json_schema", "an object", spec)
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(
+            "'response_format.json_schema.name' is required (a string).",
+            param="response_format.json_schema.name",
+            code="missing_required_parameter" if name is None else "invalid_value",
+        )
+    _boolean(spec, "strict", "response_format.json_schema.strict")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _invalid_type("response_format.json_schema.schema", "an object (a JSON schema)", schema)
+    if len(orjson.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise InvalidRequest(
+            f"'response_format.json_schema.schema' is larger than {MAX_SCHEMA_BYTES} bytes.",
+            param="response_format.json_schema.schema",
+            code="invalid_value",
+        )
+    return ResponseFormat(type="json_schema", schema=schema, param="response_format.json_schema.schema")
+
+
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     """Parse and validate a `POST /v1/chat/completions` body."""
     data = _decode(body)
@@ -521,6 +575,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         user=user,
         n=_integer(data, "n", 1, MAX_CHOICES) or 1,
         logprobs=_chat_logprobs(data),
+        response_format=_response_format(data),
     )
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel, Field
 
 from helexa.mesh.assembly import build_app
 from helexa.mesh.config import load_config
@@ -118,3 +120,46 @@ async def test_several_prompts_in_one_request(clients: tuple[openai.AsyncOpenAI,
     assert [c.text for c in together.choices] == expected
     assert together.usage is not None
     assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone if a.usage)
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=20)
+    legs: int = Field(ge=0, le=8)
+    indoor: bool
+
+
+@pytest.mark.slow
+async def test_structured_output_with_the_sdk(clients: tuple[openai.AsyncOpenAI, openai.AsyncOpenAI]) -> None:
+    client, _ = clients
+    for seed in range(5):
+        parsed = await client.chat.completions.parse(
+            model=MODEL, messages=ASK, response_format=Pet, max_tokens=60, temperature=0.9, seed=seed
+        )
+        pet = parsed.choices[0].message.parsed
+        assert isinstance(pet, Pet), parsed.choices[0].message.content
+    reply = await client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        response_format={"type": "json_object"},
+        max_tokens=60,
+        n=4,
+        seed=3,
+        temperature=1.0,
+    )
+    for choice in reply.choices:
+        assert isinstance(json.loads(choice.message.content or ""), dict)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}},
+                },
+            },
+        )
+    assert (
+        isinstance(info.value.body, dict) and info.value.body["param"] == "response_format.json_schema.schema"
+    )
