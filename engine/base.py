@@ -29,12 +29,35 @@ EngineName = Literal["transformers", "mlc", "fake"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ToolCall:
+    """A function call the assistant made: `arguments` is the JSON text the model produced."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolSpec:
+    """A function the model may call (OpenAI's `tools[].function`)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ChatMessage:
-    """One chat turn with its content flattened to text (the HTTP edge joins content parts)."""
+    """One chat turn with its content flattened to text (the HTTP edge joins content parts).
+
+    An assistant turn may carry the `tool_calls` it made; a `tool` turn answers one of them
+    (`tool_call_id`)."""
 
     role: Role
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @runtime_checkable
@@ -124,6 +147,12 @@ class GenerationRequest:
     prompt_logprobs: bool = False
     # Structured output, enforced by constrained decoding.
     response_format: ResponseFormat | None = None
+    # Functions the model may call, rendered with the model's chat template. `tool_choice`: "auto" (the
+    # model decides), "none" (no call: tools are not rendered), "required" (at least one call), or a
+    # function's name (exactly that function); the last two are enforced by constrained decoding.
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

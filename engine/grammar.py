@@ -16,6 +16,7 @@ torch and llguidance are imported by the inference side only (never at agent sta
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -25,8 +26,9 @@ import llguidance
 import llguidance.hf
 import torch
 
-from .base import ResponseFormat, TokenConstraint
+from .base import ResponseFormat, TokenConstraint, ToolSpec
 from .errors import RequestError
+from .toolcalls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, Family
 
 # JSON output without runs of blank lines or tabs between tokens: a weak model that may emit whitespace
 # forever under a flexible grammar cannot, and the output stays compact.
@@ -145,4 +147,54 @@ def compile_format(hf_tokenizer: Any, fmt: ResponseFormat) -> Callable[[], Token
     if failed or messages:
         reason = "; ".join(str(m) for m in messages) or "unsupported schema"
         raise RequestError(f"the schema cannot be enforced: {reason}", param=fmt.param)
+    return lambda: GrammarConstraint(tokenizer, grammar)
+
+
+def _call_schema(tool: ToolSpec, arguments_key: str) -> dict[str, Any]:
+    parameters = tool.parameters or {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, arguments_key: parameters},
+        "required": ["name", arguments_key],
+        "additionalProperties": False,
+    }
+
+
+def tool_grammar(family: Family, tools: tuple[ToolSpec, ...], *, parallel: bool) -> str:
+    """A Lark grammar (with embedded JSON schemas) whose every sentence is one call, or with `parallel`
+    one or more, of `tools` in `family`'s markup, arguments valid under each function's parameters."""
+    key = "parameters" if family == "llama3" else "arguments"
+    options = [_call_schema(t, key) for t in tools]
+    one: dict[str, Any] = options[0] if len(options) == 1 else {"oneOf": options}
+    one = {**one, "x-guidance": dict(_JSON_OPTIONS)}
+    if family == "mistral":
+        array: dict[str, Any] = {
+            "type": "array",
+            "items": one,
+            "minItems": 1,
+            "x-guidance": dict(_JSON_OPTIONS),
+        }
+        if not parallel:
+            array["maxItems"] = 1
+        return f"start: {json.dumps(MISTRAL_OPEN)} calls\ncalls: %json {json.dumps(array)}\n"
+    if family == "hermes":
+        call = f"call: {json.dumps(HERMES_OPEN + chr(10))} obj {json.dumps(chr(10) + HERMES_CLOSE)}"
+        start = 'start: call ("\\n" call)*' if parallel else "start: call"
+        return f"{start}\n{call}\nobj: %json {json.dumps(one)}\n"
+    return f"start: obj\nobj: %json {json.dumps(one)}\n"
+
+
+def compile_tools(
+    hf_tokenizer: Any, family: Family, tools: tuple[ToolSpec, ...], *, parallel: bool
+) -> Callable[[], TokenConstraint]:
+    """Like `compile_format`, for calls of `tools` (`tool_choice` "required" or a named function)."""
+    tokenizer = TOKENIZERS.of(hf_tokenizer)
+    try:
+        grammar = str(llguidance.LLMatcher.grammar_from_lark(tool_grammar(family, tools, parallel=parallel)))
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer.ll)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise RequestError(f"the tools' parameters cannot be enforced: {exc}", param="tools") from exc
+    if failed or messages:
+        reason = "; ".join(str(m) for m in messages) or "unsupported schema"
+        raise RequestError(f"the tools' parameters cannot be enforced: {reason}", param="tools")
     return lambda: GrammarConstraint(tokenizer, grammar)

@@ -268,6 +268,12 @@ class MLCModel:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         check_usable(self._model_id, fault=self._fault, unloaded=self._closing)
         check_input(request)
+        if request.tools and request.tool_choice != "none":
+            raise RequestError("tool calling is not available on the mlc engine yet", param="tools")
+        if request.response_format is not None:
+            raise RequestError(
+                "structured output is not available on the mlc engine yet", param="response_format"
+            )
         s = request.sampling
         wire_id = f"{request.request_id}#{next(self._ids)}"
         message: dict[str, Any] = {

@@ -38,6 +38,27 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# ChatML with tools, in the Hermes/Qwen2.5 form: the tools in a system turn, calls in <tool_call> tags,
+# tool results in <tool_response> tags (what the engine's tool-calling tests render and parse).
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nYou may call functions. Tools:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    '{{ \'</tools>\\nReturn each call as <tool_call>{"name": ..., "arguments": ...}</tool_call>'
+    "<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}{{ '<tool_call>\\n' }}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # A little fixed English (with some multi-byte characters) to train the tokenizer on; the tokenizer
 # only needs to be deterministic and to cover every byte, which the byte-level alphabet guarantees.
 _TRAINING_TEXT = """\
@@ -75,7 +96,9 @@ def train_tokenizer(vocab_size: int = 512) -> object:
     return tokenizer
 
 
-def save_tokenizer(directory: Path, *, vocab_size: int = 512, context_length: int = 512) -> int:
+def save_tokenizer(
+    directory: Path, *, vocab_size: int = 512, context_length: int = 512, chat_template: str = CHAT_TEMPLATE
+) -> int:
     """Write tokenizer.json + tokenizer_config.json (special tokens, eos, chat template) into
     `directory`; returns the tokenizer's full vocabulary size (special tokens included)."""
     import transformers  # noqa: PLC0415 -- lazy, see train_tokenizer
@@ -90,7 +113,7 @@ def save_tokenizer(directory: Path, *, vocab_size: int = 512, context_length: in
         additional_special_tokens=["<|im_start|>"],
         model_max_length=context_length,
     )
-    hf_tokenizer.chat_template = CHAT_TEMPLATE
+    hf_tokenizer.chat_template = chat_template
     hf_tokenizer.save_pretrained(str(directory))
     return len(hf_tokenizer)
 
@@ -110,6 +133,7 @@ def build_tiny_model(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     initializer_range: float = 0.3,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a random-weight causal LM plus a trained tokenizer into `directory` (created if needed).
 
@@ -126,7 +150,9 @@ def build_tiny_model(
 
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer_vocab = save_tokenizer(path, vocab_size=vocab_size, context_length=context_length)
+    tokenizer_vocab = save_tokenizer(
+        path, vocab_size=vocab_size, context_length=context_length, chat_template=chat_template
+    )
     model_vocab = max(padded_vocab_size or tokenizer_vocab, tokenizer_vocab)
     # The saved tokenizer gives the special tokens the first ids, in SPECIAL_TOKENS order.
     bos_id, eos_id = 0, 2

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import gc
 import inspect
+import json
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from typing import Any, Literal, TypeVar
 import psutil
 
 from .base import (
+    ChatMessage,
     Delta,
     EngineName,
     Final,
@@ -83,6 +85,7 @@ from .streaming import (
     validate_sampling,
 )
 from .textstream import StopStringMatcher
+from .toolcalls import family_of
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +373,10 @@ class TransformersModel:
         self._check_usable()
         prompt_ids = await asyncio.to_thread(self._prepare, request)
         sampling = request.sampling
-        if request.response_format is not None:
+        if request.tools and request.tool_choice not in ("auto", "none"):
+            constraint = await asyncio.to_thread(self._tool_constraint, request)
+            sampling = dataclasses.replace(sampling, constraint=constraint)
+        elif request.response_format is not None:
             constraint = await asyncio.to_thread(self._constraint, request.response_format)
             sampling = dataclasses.replace(sampling, constraint=constraint)
         job = _Job(
@@ -447,16 +453,12 @@ class TransformersModel:
                 raise RequestError(
                     f"model {self._model_id} has no chat template; use /v1/completions", param="messages"
                 )
-            turns = [
-                {
-                    "role": "system" if m.role == "developer" else m.role,
-                    "content": m.content,
-                    **({"name": m.name} if m.name else {}),
-                }
-                for m in request.messages
-            ]
+            tools = _template_tools(self._model_id, tokenizer, request)
+            turns = [_template_turn(m) for m in request.messages]
             try:
-                text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(
+                    turns, tools=tools, tokenize=False, add_generation_prompt=True
+                )
             except Exception as exc:  # jinja errors: the template rejects this conversation
                 raise RequestError(f"chat template rejected the messages: {exc}", param="messages") from exc
             ids = list(tokenizer.encode(str(text), add_special_tokens=False))
@@ -480,6 +482,24 @@ class TransformersModel:
 
         runtime = self._check_usable()
         return compile_format(runtime.tokenizer, fmt)()
+
+    def _tool_constraint(self, request: GenerationRequest) -> TokenConstraint:
+        """`tool_choice` "required" (one or more calls of any tool) or a function's name (one call of it),
+        in the markup of the model's template family."""
+        from .grammar import compile_tools  # noqa: PLC0415 -- lazy: llguidance and torch
+
+        runtime = self._check_usable()
+        family = family_of(getattr(runtime.tokenizer, "chat_template", None))
+        if family is None:
+            raise RequestError(f"model {self._model_id}'s chat template does not render tools", param="tools")
+        if request.tool_choice == "required":
+            tools, parallel = request.tools, request.parallel_tool_calls
+        else:
+            tools = tuple(t for t in request.tools if t.name == request.tool_choice)
+            if not tools:
+                raise RequestError(f"no tool named {request.tool_choice!r} in 'tools'", param="tool_choice")
+            parallel = False
+        return compile_tools(runtime.tokenizer, family, tools, parallel=parallel)()
 
     def _prepare_ids(self, runtime: _Runtime, request: GenerationRequest) -> list[int]:
         """A prompt given as token ids: each must exist in the vocabulary."""
@@ -819,6 +839,47 @@ class TransformersModel:
             error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
         for seq in seqs:
             seq.job.send(error)
+
+
+def _template_tools(model_id: str, tokenizer: Any, request: GenerationRequest) -> list[dict[str, Any]] | None:
+    """The request's tools in the form chat templates take, or None (no tools, or `tool_choice` "none").
+    A template that does not render tools cannot take them: a `RequestError` naming `tools`."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    if family_of(getattr(tokenizer, "chat_template", None)) is None:
+        raise RequestError(
+            f"model {model_id}'s chat template does not render tools (no tool calling with this model)",
+            param="tools",
+        )
+    out: list[dict[str, Any]] = []
+    for tool in request.tools:
+        function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
+        if tool.description:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _template_turn(message: ChatMessage) -> dict[str, Any]:
+    """One message as chat templates read it (tool calls with their arguments as objects)."""
+    turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    turn["content"] = message.content
+    if message.name:
+        turn["name"] = message.name
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            try:
+                arguments: Any = json.loads(call.arguments)
+            except ValueError:
+                arguments = call.arguments
+            calls.append(
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+            )
+        turn["tool_calls"] = calls
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
 
 
 def _threads_setting(name: str, default: int) -> int:

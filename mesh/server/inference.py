@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -30,7 +31,6 @@ from aiohttp import web
 from helexa.engine.base import (
     ChatMessage,
     Delta,
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
     LoadedModel,
@@ -38,9 +38,12 @@ from helexa.engine.base import (
     ResponseFormat,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
+    ToolSpec,
     Usage,
 )
 from helexa.engine.base import Final as FinalEvent
+from helexa.engine.toolcalls import Call, Piece, Text, ToolCallParser, parse_all
 from helexa.mesh import sse
 from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
 from helexa.mesh.metrics import Route
@@ -148,6 +151,14 @@ class _Job:
     logprobs: int | None = None
     echo: bool = False
     response_format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
+
+    @property
+    def parses_calls(self) -> bool:
+        """Whether the output may hold tool calls (parsed out of the text, never shown as text)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -253,6 +264,9 @@ def _parse(kind: Kind, body: bytes) -> _Job:
             n=chat.n,
             logprobs=chat.logprobs,
             response_format=chat.response_format,
+            tools=chat.tools,
+            tool_choice=chat.tool_choice,
+            parallel_tool_calls=chat.parallel_tool_calls,
         )
     completion = openai_wire.parse_completion_request(body)
     if (
@@ -299,6 +313,9 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
                     messages=job.messages,
                     logprobs=job.logprobs,
                     response_format=job.response_format,
+                    tools=job.tools,
+                    tool_choice=job.tool_choice,
+                    parallel_tool_calls=job.parallel_tool_calls,
                 ),
                 first_of_prompt=j == 0,
             )
@@ -490,6 +507,10 @@ class _Merged:
             await _aclose(events)
 
 
+def _tool_call(call: Call) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=call.name, arguments=call.arguments)
+
+
 def _total(finals: dict[int, FinalEvent], choices: list[_Choice]) -> Usage:
     """Usage over every choice: each prompt's tokens once, every choice's completion tokens."""
     prompt = sum(finals[c.index].usage.prompt_tokens for c in choices if c.first_of_prompt)
@@ -552,15 +573,25 @@ async def _collect(
         raise ModelFault("the model ended without a result")
     usage = _total(finals, choices)
     timing.done(usage)
-    outputs = [
-        openai_wire.ChoiceOutput(
-            index=c.index,
-            text=(_echo_text(c, finals[c.index]) if job.echo else "") + "".join(pieces[c.index]),
-            finish_reason=finals[c.index].finish_reason,
-            logprobs=_choice_logprobs(job.kind, c, entries[c.index], finals[c.index]),
+    outputs = []
+    for c in choices:
+        text = (_echo_text(c, finals[c.index]) if job.echo else "") + "".join(pieces[c.index])
+        finish: openai_wire.WireFinish = finals[c.index].finish_reason
+        calls: tuple[ToolCall, ...] = ()
+        if job.parses_calls:
+            text, parsed = parse_all(text)
+            calls = tuple(_tool_call(p) for p in parsed)
+            if calls:
+                finish = "tool_calls"
+        outputs.append(
+            openai_wire.ChoiceOutput(
+                index=c.index,
+                text=text,
+                finish_reason=finish,
+                logprobs=_choice_logprobs(job.kind, c, entries[c.index], finals[c.index]),
+                tool_calls=calls,
+            )
         )
-        for c in choices
-    ]
     builder = openai_wire.chat_completion if job.kind == "chat" else openai_wire.text_completion
     return json_body_response(
         builder(
@@ -585,6 +616,27 @@ async def _stream(
     chat = job.kind == "chat"
     model_id, created = decision.entry.id, int(time.time())
     offsets = {c.index: 0 for c in choices}  # completions' logprob text offsets, per choice
+    # Tool calls are parsed out of each choice's text as it streams; their markup never shows.
+    parsers = {c.index: ToolCallParser() for c in choices} if job.parses_calls else {}
+    calls_sent = {c.index: 0 for c in choices}
+
+    async def write_pieces(index: int, pieces: list[Piece], entries: tuple[TokenLogprob, ...]) -> None:
+        for piece in pieces:
+            if isinstance(piece, Text):
+                if piece.text:
+                    await _write(response, chunk(index, piece.text, entries=entries))
+                    entries = ()
+            else:
+                call = _tool_call(piece)
+                data = openai_wire.chat_chunk(
+                    id=request_id,
+                    model=model_id,
+                    created=created,
+                    index=index,
+                    tool_call=(calls_sent[index], call),
+                )
+                calls_sent[index] += 1
+                await _write(response, sse.event(data))
 
     async def start() -> None:
         if not response.prepared:
@@ -602,7 +654,7 @@ async def _stream(
     def chunk(
         index: int,
         text: str | None,
-        finish: FinishReason | None = None,
+        finish: openai_wire.WireFinish | None = None,
         role: bool = False,
         entries: tuple[TokenLogprob, ...] = (),
     ) -> bytes:
@@ -677,17 +729,22 @@ async def _stream(
                     if isinstance(event, Delta):
                         if event.text:
                             timing.token()
-                            await _write(response, chunk(index, event.text, entries=event.logprobs))
+                            parser = parsers.get(index)
+                            if parser is None:
+                                await _write(response, chunk(index, event.text, entries=event.logprobs))
+                            else:
+                                await write_pieces(index, parser.feed(event.text), event.logprobs)
                     else:
                         finals[index] = event
+                        finish: openai_wire.WireFinish = event.finish_reason
+                        parser = parsers.get(index)
+                        if parser is not None:
+                            await write_pieces(index, parser.finish(), ())
+                            if calls_sent[index]:
+                                finish = "tool_calls"
                         await _write(
                             response,
-                            chunk(
-                                index,
-                                None if chat else "",
-                                finish=event.finish_reason,
-                                entries=event.logprobs,
-                            ),
+                            chunk(index, None if chat else "", finish=finish, entries=event.logprobs),
                         )
                     item = await merged.next()
                 if len(finals) != len(choices):

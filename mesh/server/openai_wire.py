@@ -20,7 +20,7 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -31,6 +31,8 @@ from helexa.engine.base import (
     Role,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
+    ToolSpec,
     Usage,
 )
 from helexa.mesh.errors import InvalidRequest
@@ -86,6 +88,9 @@ class ChatCompletionRequest:
     n: int = 1
     logprobs: int | None = None  # None: not asked; else how many alternatives (`top_logprobs`)
     response_format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -446,11 +451,44 @@ def _message(item: object, i: int) -> ChatMessage:
     name = item.get("name")
     if name is not None and not isinstance(name, str):
         raise _invalid_type(f"{param}.name", "a string", name)
-    tool_calls = item.get("tool_calls")
-    if tool_calls is not None and not isinstance(tool_calls, list):
-        raise _invalid_type(f"{param}.tool_calls", "an array", tool_calls)
+    calls = _message_tool_calls(item.get("tool_calls"), f"{param}.tool_calls") if role == "assistant" else ()
+    tool_call_id = item.get("tool_call_id")
+    if tool_call_id is not None and not isinstance(tool_call_id, str):
+        raise _invalid_type(f"{param}.tool_call_id", "a string", tool_call_id)
     role_literal: Role = role  # type: ignore[assignment]  # checked against _ROLES above
-    return ChatMessage(role=role_literal, content=text, name=name)
+    return ChatMessage(
+        role=role_literal,
+        content=text,
+        name=name,
+        tool_calls=calls,
+        tool_call_id=tool_call_id if role == "tool" else None,
+    )
+
+
+def _message_tool_calls(value: object, param: str) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls` (the calls it made earlier in the conversation)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _invalid_type(param, "an array", value)
+    out: list[ToolCall] = []
+    for i, call in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(call, dict):
+            raise _invalid_type(where, "an object", call)
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _invalid_type(f"{where}.function", "an object", function)
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        if not isinstance(name, str) or not name:
+            raise _invalid_type(f"{where}.function.name", "a string", name)
+        if not isinstance(arguments, str):  # accept an object (some clients send one) as its JSON text
+            arguments = orjson.dumps(arguments).decode()
+        call_id = call.get("id")
+        out.append(
+            ToolCall(id=call_id if isinstance(call_id, str) else f"call_{i}", name=name, arguments=arguments)
+        )
+    return tuple(out)
 
 
 def _messages(data: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
@@ -468,15 +506,89 @@ def _messages(data: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
     return tuple(_message(item, i) for i, item in enumerate(value))
 
 
+# Tools one request may define (OpenAI's limit is 128).
+MAX_TOOLS = 128
+
+
+def _tools(data: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
+    value = data.get("tools")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _invalid_type("tools", "an array", value)
+    if len(value) > MAX_TOOLS:
+        raise InvalidRequest(
+            f"'tools' may hold at most {MAX_TOOLS} tools.", param="tools", code="invalid_value"
+        )
+    out: list[ToolSpec] = []
+    names: set[str] = set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _invalid_type(where, "an object", tool)
+        if tool.get("type", "function") != "function":
+            raise _unsupported(
+                f"{where}.type", f"tools of type {str(tool.get('type'))[:40]!r} (only 'function')"
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _invalid_type(f"{where}.function", "an object", function)
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64:
+            raise _invalid_type(f"{where}.function.name", "a name of 1 to 64 characters", name)
+        if name in names:
+            raise InvalidRequest(
+                f"two tools are named {name!r}.", param=f"{where}.function.name", code="invalid_value"
+            )
+        names.add(name)
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _invalid_type(f"{where}.function.description", "a string", description)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _invalid_type(f"{where}.function.parameters", "an object (a JSON schema)", parameters)
+        if parameters is not None and len(orjson.dumps(parameters)) > MAX_SCHEMA_BYTES:
+            raise InvalidRequest(
+                f"'{where}.function.parameters' is larger than {MAX_SCHEMA_BYTES} bytes.",
+                param=f"{where}.function.parameters",
+                code="invalid_value",
+            )
+        out.append(ToolSpec(name=name, description=description, parameters=parameters))
+    return tuple(out)
+
+
+def _tool_choice(data: Mapping[str, Any], tools: tuple[ToolSpec, ...]) -> str:
+    """ "auto" (the default with tools), "none" (the default without), "required", or a function's name."""
+    value = data.get("tool_choice")
+    if value is None:
+        return "auto" if tools else "none"
+    if value in ("auto", "none", "required"):
+        if value != "none" and not tools:
+            raise InvalidRequest(
+                f"'tool_choice' is {value!r} but no 'tools' were given.",
+                param="tool_choice",
+                code="invalid_value",
+            )
+        return str(value)
+    if (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and isinstance(value.get("function"), dict)
+    ):
+        name = value["function"].get("name")
+        if isinstance(name, str) and any(t.name == name for t in tools):
+            return name
+        raise InvalidRequest(
+            f"'tool_choice' names {str(name)[:64]!r}, which is not one of the 'tools'.",
+            param="tool_choice.function.name",
+            code="invalid_value",
+        )
+    raise _invalid_type("tool_choice", "'none', 'auto', 'required' or a named function", value)
+
+
 def _refuse_chat_features(data: Mapping[str, Any]) -> None:
-    tools = data.get("tools")
-    if tools is not None and tools != []:
-        raise _unsupported("tools", "tool calling")
     if data.get("functions") is not None:
-        raise _unsupported("functions", "function calling")
-    tool_choice = data.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", "tool calling")
+        raise _unsupported("functions", "the deprecated 'functions' (use 'tools')")
     function_call = data.get("function_call")
     if function_call not in (None, "none", "auto"):
         raise _unsupported("function_call", "function calling")
@@ -563,6 +675,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     model = _model(data)
     messages = _messages(data)
     _refuse_chat_features(data)
+    tools = _tools(data)
     sampling = _sampling(data)
     stream, include_usage = _streaming(data)
     user = _common(data)
@@ -576,6 +689,9 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         n=_integer(data, "n", 1, MAX_CHOICES) or 1,
         logprobs=_chat_logprobs(data),
         response_format=_response_format(data),
+        tools=tools,
+        tool_choice=_tool_choice(data, tools),
+        parallel_tool_calls=_boolean(data, "parallel_tool_calls") is not False,
     )
 
 
@@ -694,14 +810,23 @@ def _response(
     return orjson.dumps(body)
 
 
+# The engine's finish reasons, plus "tool_calls" when the answer was calls.
+WireFinish = Literal["stop", "length", "tool_calls"]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChoiceOutput:
     """One finished choice of a non-streamed response; `logprobs` already in the route's shape."""
 
     index: int
     text: str
-    finish_reason: FinishReason
+    finish_reason: WireFinish
     logprobs: dict[str, Any] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _logprob(value: float) -> float | None:
@@ -745,15 +870,19 @@ def completion_logprobs(entries: Sequence[TokenLogprob], *, offset: int = 0) -> 
 
 
 def _text_choice(
-    text: str, finish_reason: FinishReason | None, *, index: int = 0, logprobs: dict[str, Any] | None = None
+    text: str, finish_reason: WireFinish | None, *, index: int = 0, logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _chat_choice(choice: ChoiceOutput) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.tool_calls:
+        message["content"] = choice.text or None
+        message["tool_calls"] = [tool_call_object(c) for c in choice.tool_calls]
     return {
         "index": choice.index,
-        "message": {"role": "assistant", "content": choice.text, "refusal": None},
+        "message": message,
         "logprobs": choice.logprobs,
         "finish_reason": choice.finish_reason,
     }
@@ -782,17 +911,21 @@ def chat_chunk(
     created: int,
     content: str | None = None,
     role: bool = False,
-    finish_reason: FinishReason | None = None,
+    finish_reason: WireFinish | None = None,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
+    tool_call: tuple[int, ToolCall] | None = None,
 ) -> bytes:
-    """One `chat.completion.chunk`: `role=True` in the first chunk, content deltas, then a chunk with
-    `finish_reason` (and an empty delta)."""
-    delta: dict[str, str] = {}
+    """One `chat.completion.chunk`: `role=True` in the first chunk, content deltas or a tool call (its
+    position among the choice's calls, and the call, arguments whole), then a chunk with `finish_reason`
+    (and an empty delta)."""
+    delta: dict[str, Any] = {}
     if role:
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
+    if tool_call is not None:
+        delta["tool_calls"] = [{"index": tool_call[0], **tool_call_object(tool_call[1])}]
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _response("chat.completion.chunk", id=id, model=model, created=created, choices=[choice])
 
@@ -824,7 +957,7 @@ def completion_chunk(
     model: str,
     created: int,
     text: str,
-    finish_reason: FinishReason | None = None,
+    finish_reason: WireFinish | None = None,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
 ) -> bytes:
