@@ -2,8 +2,9 @@
 
 For the demo model's tokenizer (4 096 entries) and the Qwen2.5-0.5B-shaped model `scripts/bench engine`
 builds (its compute shape; its tokenizer is a small random one, so the large-vocabulary case is not
-measured here), it measures, over many steps of a random walk through the grammar: compiling a JSON schema, the mask per token (`GrammarConstraint.mask` on a logits
-row: llguidance's bitmask plus applying it), and `accept`. Numbers are medians and p95 in milliseconds.
+measured here), it measures, over many steps of a random walk through the grammar: compiling a JSON
+schema, the mask per token (`GrammarConstraint.mask` on a logits row: llguidance's bitmask plus applying
+it), and `accept`. Numbers are medians and p95 in milliseconds.
 
     scripts/bench grammar [--steps N]
 """
