@@ -8,6 +8,8 @@ Reading never raises: a missing or unparsable file, or a bad entry, becomes a `P
 comments and the formatting of other entries survive, checks that the edit changed nothing else, and
 replaces the file atomically (temp file, fsync, `os.replace`). Edits are strict: a new or changed entry
 with any problem, warnings included, is refused with `CatalogueEditError`, so typos never reach the file.
+A write the disk refuses (full, read-only) raises `CatalogueWriteError`, naming the file and the reason;
+temp files that a killed writer left behind are recognisably ours and removed when the file is next read.
 
 Every function here is synchronous; the agent calls the file-touching ones through `asyncio.to_thread`.
 `entry_to_dict` and `entry_from_dict` are pure (apart from resolving `builtin:` paths).
@@ -20,9 +22,11 @@ import importlib.resources
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from .validate import FIELDS, Problem, parse_entry, show, validate_catalogue
 __all__ = [
     "Catalogue",
     "CatalogueEditError",
+    "CatalogueWriteError",
     "InvalidEntryError",
     "add_entry",
     "default_catalogue_text",
@@ -47,6 +52,7 @@ __all__ = [
     "load_catalogue",
     "parse_catalogue_text",
     "remove_entry",
+    "remove_stale_temp_files",
     "update_entry",
 ]
 
@@ -134,9 +140,11 @@ def parse_catalogue_text(text: str, *, file: str, base_dir: Path | None) -> Cata
 
 def load_catalogue(path: str | os.PathLike[str]) -> Catalogue:
     """Read and validate `path`. Never raises for a missing, unreadable or unparsable file: that is a
-    problem in the result (and no entries). Relative sources resolve against the file's folder."""
+    problem in the result (and no entries). Relative sources resolve against the file's folder. Temp files
+    that a writer killed mid-write left beside it are removed first (`remove_stale_temp_files`)."""
     file_path = Path(path).expanduser().absolute()
     file = str(path)
+    remove_stale_temp_files(file_path)
     try:
         text = file_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -161,7 +169,10 @@ def ensure_catalogue(path: str | os.PathLike[str]) -> bool:
     file_path = Path(path).expanduser()
     if file_path.exists():
         return False
-    file_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        file_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CatalogueWriteError(file_path, exc) from exc
     _atomic_write_text(file_path, default_catalogue_text())
     log.info("created catalogue %s from the packaged default", file_path)
     return True
@@ -208,13 +219,16 @@ def entry_to_dict(entry: ModelEntry) -> dict[str, object]:
     return out
 
 
-def entry_from_dict(data: Mapping[str, object], *, origin: str = "peer") -> ModelEntry:
+def entry_from_dict(
+    data: Mapping[str, object], *, origin: str = "peer", roots: Sequence[Path] | None = None
+) -> ModelEntry:
     """Validate an entry dict that came from a peer (or the operator API) exactly like a file entry.
 
     Raises `InvalidEntryError` on any error; warnings (keys a newer agent may know) are ignored. `origin`
-    names where it came from in the problems (a peer's name or address).
+    names where it came from in the problems (a peer's name or address). `roots`: the folders a local
+    source must be in (`catalogue.validate.within_roots`; None: not confined).
     """
-    entry, problems = parse_entry(data, file=origin, index=1, base_dir=None)
+    entry, problems = parse_entry(data, file=origin, index=1, base_dir=None, roots=roots)
     if entry is None:
         raise InvalidEntryError(p for p in problems if p.severity == "error")
     return entry
@@ -240,15 +254,101 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+class CatalogueWriteError(OSError):
+    """The catalogue file could not be written (a full disk, a read-only folder, no permission). An
+    `OSError` with the cause's errno; its message names the file and the reason, e.g. "cannot write the
+    catalogue /var/lib/helexa/models.toml: no space left on device"."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, reason)
+        self.path = path
+        self.reason = reason[:1].lower() + reason[1:]
+
+    def __str__(self) -> str:
+        return f"cannot write the catalogue {self.path}: {self.reason}"
+
+
+# Temp files of an atomic write are named `.<file>.<writer pid>.<random>.tmp`, so a writer that died
+# between writing and renaming (SIGKILL, power loss) leaves a file that is recognisably ours and says whose
+# it was. `remove_stale_temp_files` (run when the catalogue is read: at start and before every edit)
+# removes those of writers that no longer run. A write takes milliseconds: a leftover younger than this is
+# spared anyway, in case its writer lives in another PID namespace sharing the folder (a container).
+STALE_TEMP_MIN_AGE_S = 10.0
+# ...and one this old is stale even if its pid is alive again (pids are reused).
+STALE_TEMP_MAX_AGE_S = 3600.0
+
+
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    # The pid is optional: older versions named them `tempfile.mkstemp`'s way, `.<file>.<random>.tmp`.
+    return re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[A-Za-z0-9_]{{6,}}\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str], *, now: float | None = None) -> list[Path]:
+    """Remove the temp files that writers of `path` left behind when they died mid-write; returns them.
+    Never raises (a folder that cannot be listed or written is left as it is)."""
+    file_path = Path(path).expanduser().absolute()
+    pattern = _temp_pattern(file_path)
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        names = os.listdir(file_path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        temp = file_path.parent / name
+        try:
+            age_s = now - temp.lstat().st_mtime
+            pid = int(match.group(1)) if match.group(1) else 0
+            if age_s < STALE_TEMP_MIN_AGE_S or (_process_exists(pid) and age_s < STALE_TEMP_MAX_AGE_S):
+                continue
+            temp.unlink()
+        except OSError:
+            continue
+        removed.append(temp)
+    if removed:
+        log.warning(
+            "removed %d temp file(s) that an interrupted write of %s left behind: %s",
+            len(removed),
+            file_path,
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so a reader sees the old file or the new one, never a torn one, even across a
-    crash: temp file in the same folder, fsync, `os.replace`, fsync of the folder. Keeps the file's mode."""
+    crash: temp file in the same folder, fsync, `os.replace`, fsync of the folder. Keeps the file's mode.
+    Raises `CatalogueWriteError` (naming the file and the reason, e.g. a full disk); nothing is left
+    behind then."""
     directory = path.parent
     try:
         mode: int | None = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise CatalogueWriteError(path, exc) from exc
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise CatalogueWriteError(path, exc) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -257,9 +357,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
         if mode is not None:
             os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise CatalogueWriteError(path, exc) from exc
         raise
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened and synced
         dir_fd = os.open(directory, os.O_RDONLY)

@@ -7,8 +7,16 @@ field, so an operator can find it:
 
 Severity `error` means the entry is skipped; `warning` means it is kept and something in it was ignored
 (an unknown key, a duplicate alias). Nothing here raises on bad input: a bad entry never takes the agent
-down. The only I/O is a check whether a local source path exists (to tell a relative path from a Hugging
-Face repo id) and whether a `builtin:` model is installed.
+down. The only I/O is a check whether a local source path exists next to the catalogue file (to tell a
+relative path from a Hugging Face repo id, for the operator's own file only), whether a `builtin:` model
+is installed, and resolving symbolic links when a source is confined.
+
+Confinement (`roots`): entries that come over the network (a peer's gossip, the catalogue API) may name a
+local path only inside one of the agent's model roots (`<state dir>/models` and `model_roots`), after
+every symbolic link is resolved; anything else is refused with one message that does not depend on what
+exists on disk (a stranger on an open mesh once had any directory loaded, and learnt from the errors
+which ones exist). The operator's own `models.toml` is configuration, like `helexa.toml`, and is not
+confined. `builtin:` sources and repo ids are not paths; the `fake` engine (tests) reads no source.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ __all__ = [
     "parse_entry",
     "resolve_source",
     "validate_catalogue",
+    "within_roots",
 ]
 
 Severity = Literal["error", "warning"]
@@ -147,14 +156,36 @@ def builtin_path(name: str) -> Path:
     return Path(str(importlib.resources.files("helexa.catalogue").joinpath(name)))
 
 
-def resolve_source(text: str, *, base_dir: Path | None) -> tuple[str, str | None]:
+OUTSIDE_ROOTS: Final = (
+    "a local path must be inside one of this agent's model roots (its state directory's models folder, "
+    "or model_roots in helexa.toml)"
+)
+
+
+def within_roots(path: str, roots: Sequence[Path]) -> bool:
+    """Whether `path`, every symbolic link resolved, lies inside (or is) one of `roots` (resolved alike)."""
+    try:
+        real = os.path.realpath(path)
+        for root in roots:
+            base = os.path.realpath(root)
+            if os.path.commonpath([real, base]) == base:
+                return True
+    except (OSError, ValueError):  # a NUL byte, a path too long, a loop of links
+        return False
+    return False
+
+
+def resolve_source(
+    text: str, *, base_dir: Path | None, roots: Sequence[Path] | None = None
+) -> tuple[str, str | None]:
     """Resolve a catalogue `source` to `(source, source_spec)`. Raises ValueError with a message.
 
     - `builtin:NAME` → the package directory `catalogue/NAME`, spec `builtin:NAME`;
     - `HF://org/name` (MLC weights repo) and `org/name` (Hugging Face repo id) → kept as written, unless a
       local path of that name exists next to the catalogue file;
     - anything else is a local path: `~` is expanded and a relative path is made absolute against
-      `base_dir` (the catalogue file's folder), never against the working directory.
+      `base_dir` (the catalogue file's folder), never against the working directory. With `roots` (an
+      entry from the network) it must lie inside one of them (`within_roots`), else `OUTSIDE_ROOTS`.
     """
     if not text or text != text.strip():
         raise ValueError(f"must be a non-empty path or repo id without surrounding spaces, got {show(text)}")
@@ -178,7 +209,10 @@ def resolve_source(text: str, *, base_dir: Path | None) -> tuple[str, str | None
         if base_dir is None:
             raise ValueError(f"relative path {show(text)} needs a catalogue file to resolve against")
         path = base_dir / path
-    return os.path.normpath(path), None
+    resolved = os.path.normpath(path)
+    if roots is not None and not within_roots(resolved, roots):
+        raise ValueError(OUTSIDE_ROOTS)
+    return resolved, None
 
 
 def _is_int(value: object) -> bool:
@@ -228,10 +262,19 @@ def _plain(value: object) -> object:
 class _EntryParser:
     """Parses one raw table, collecting problems instead of raising."""
 
-    def __init__(self, raw: Mapping[object, object], *, file: str, index: int, base_dir: Path | None) -> None:
+    def __init__(
+        self,
+        raw: Mapping[object, object],
+        *,
+        file: str,
+        index: int,
+        base_dir: Path | None,
+        roots: Sequence[Path] | None = None,
+    ) -> None:
         self.raw = raw
         self.file = file
         self.base_dir = base_dir
+        self.roots = roots
         raw_id = raw.get("id")
         self.label: str | int = raw_id if isinstance(raw_id, str) and check_name(raw_id) is None else index
         self.problems: list[Problem] = []
@@ -318,8 +361,10 @@ class _EntryParser:
             if not isinstance(source, str):
                 self.error("source", f"must be a string, got {show(source)}")
             else:
+                # The fake engine (tests) never opens its source: nothing to confine.
+                roots = None if engine == "fake" else self.roots
                 try:
-                    fields["source"], spec = resolve_source(source, base_dir=self.base_dir)
+                    fields["source"], spec = resolve_source(source, base_dir=self.base_dir, roots=roots)
                 except ValueError as exc:
                     self.error("source", str(exc))
                 else:
@@ -416,18 +461,19 @@ def _did_you_mean(key: str) -> str:
 
 
 def parse_entry(
-    raw: object, *, file: str, index: int, base_dir: Path | None
+    raw: object, *, file: str, index: int, base_dir: Path | None, roots: Sequence[Path] | None = None
 ) -> tuple[ModelEntry | None, tuple[Problem, ...]]:
     """Validate one raw table. Returns the entry (None when any error was found) and every problem.
 
     `index` is the entry's 1-based position, used to name it when it has no usable id. `base_dir` is the
     catalogue file's folder (None for entries from peers, whose local paths are already absolute).
+    `roots`: confine a local source to these folders (entries from the network; see the module docstring).
     """
     if not isinstance(raw, Mapping):
         return None, (
             Problem(file=file, entry=index, field=None, message=f"must be a table, got {show(raw)}"),
         )
-    parser = _EntryParser(raw, file=file, index=index, base_dir=base_dir)
+    parser = _EntryParser(raw, file=file, index=index, base_dir=base_dir, roots=roots)
     entry = parser.parse()
     return entry, tuple(parser.problems)
 

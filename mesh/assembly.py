@@ -188,6 +188,8 @@ async def build_agent(
         local=local,
         metrics=metrics,
         mesh_key=config.mesh_key,
+        api_keys=config.api_keys,
+        model_roots=config.local_model_roots,
         static_peers=config.peers,
         mdns=config.mdns,
         options=options,
@@ -229,7 +231,10 @@ def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
 def make_app(agent: Agent) -> web.Application:
     """The aiohttp application over an assembled agent: routes, middleware, state, background tasks."""
     app = web.Application(
-        middlewares=[peer_auth_middleware(agent.mesh.auth), error_middleware],
+        middlewares=[
+            peer_auth_middleware(agent.mesh.auth, exempt=agent.mesh.unguarded_paths),
+            error_middleware,
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[appkeys.AGENT] = agent
@@ -242,6 +247,7 @@ def make_app(agent: Agent) -> web.Application:
     forwarder: appkeys.Forwarder = Forwarder(
         session=lambda: mesh.http,
         auth=mesh.auth,
+        prove_members=mesh.open,  # gossip is open: a record proves nothing, a signed hello does
         fleet=agent.fleet,
         cortex=agent.cortex,
         avoid_s=mesh.timing.dead_after_s * 2,  # long enough for the failure detector to be sure

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
-from helexa.mesh.timing import DEFAULT_DRAIN_TIMEOUT_S
+from helexa.mesh.timing import DEFAULT_DRAIN_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, MAX_CONNECTIONS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
@@ -52,7 +52,10 @@ FILE_KEYS = frozenset(
         "drain_timeout_s",
         "api_keys",
         "hf_cache_dir",
+        "model_roots",
         "labels",
+        "max_connections",
+        "http_idle_timeout_s",
     }
 )
 
@@ -86,7 +89,17 @@ class AgentConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     api_keys: tuple[str, ...] = ()
     hf_cache_dir: Path | None = None
+    # Folders local model sources may be in, besides `<state_dir>/models` (`local_model_roots`).
+    model_roots: tuple[Path, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
+    max_connections: int = MAX_CONNECTIONS
+    http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
+
+    @property
+    def local_model_roots(self) -> tuple[Path, ...]:
+        """Where a catalogue entry's local `source` may point (`catalogue.validate`): the state
+        directory's `models` folder, then every configured `model_roots` folder."""
+        return (self.state_dir / "models", *self.model_roots)
 
     def describe(self) -> dict[str, object]:
         """A loggable view with the secrets masked."""
@@ -106,7 +119,10 @@ class AgentConfig:
             "drain_timeout_s": self.drain_timeout_s,
             "api_keys": len(self.api_keys),
             "hf_cache_dir": str(self.hf_cache_dir) if self.hf_cache_dir else None,
+            "model_roots": [str(p) for p in self.local_model_roots],
             "labels": dict(self.labels),
+            "max_connections": self.max_connections,
+            "http_idle_timeout_s": self.http_idle_timeout_s,
         }
 
 
@@ -143,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key", dest="api_keys", action="append", metavar="KEY", help="client key (repeatable)"
     )
+    p.add_argument(
+        "--model-root",
+        dest="model_roots",
+        action="append",
+        metavar="DIR",
+        help="a folder local model sources may be in, besides <state_dir>/models (repeatable)",
+    )
+    p.add_argument(
+        "--max-connections",
+        dest="max_connections",
+        metavar="N",
+        help=f"client connections open at once (default {MAX_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--http-idle-timeout",
+        dest="http_idle_timeout_s",
+        metavar="SECONDS",
+        help=f"close idle or slow-header connections after this (default {HTTP_IDLE_TIMEOUT_S:g})",
+    )
     return p
 
 
@@ -162,6 +197,9 @@ _ENV: dict[str, str] = {
     "drain_timeout_s": "HELEXA_DRAIN_TIMEOUT_S",
     "api_keys": "HELEXA_API_KEYS",
     "hf_cache_dir": "HELEXA_HF_CACHE",
+    "model_roots": "HELEXA_MODEL_ROOTS",
+    "max_connections": "HELEXA_MAX_CONNECTIONS",
+    "http_idle_timeout_s": "HELEXA_HTTP_IDLE_TIMEOUT_S",
 }
 
 _FLAG: dict[str, str] = {
@@ -178,6 +216,9 @@ _FLAG: dict[str, str] = {
     "log_level": "--log-level",
     "drain_timeout_s": "--drain-timeout",
     "api_keys": "--api-key",
+    "model_roots": "--model-root",
+    "max_connections": "--max-connections",
+    "http_idle_timeout_s": "--http-idle-timeout",
 }
 
 
@@ -272,6 +313,18 @@ def _as_seconds(key: str, raw: _Raw) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 86400:
         raise _bad(key, raw, "must be a number of seconds in [0, 86400)")
     return float(value)
+
+
+def _as_count(key: str, raw: _Raw, *, low: int, high: int) -> int:
+    value = raw.value
+    if isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            raise _bad(key, raw, f"must be an integer {low}..{high}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(key, raw, f"must be an integer {low}..{high}")
+    return value
 
 
 def _as_path(key: str, raw: _Raw) -> Path:
@@ -404,6 +457,25 @@ def load_config(
     raw = pick("hf_cache_dir")
     hf_cache_dir = _as_path("hf_cache_dir", raw) if raw else None
 
+    raw = pick("model_roots")
+    model_roots = (
+        tuple(
+            _as_path("model_roots", _Raw(value=text, source=raw.source, base_dir=raw.base_dir))
+            for text in _as_list("model_roots", raw)
+        )
+        if raw
+        else ()
+    )
+
+    raw = pick("max_connections")
+    max_connections = _as_count("max_connections", raw, low=1, high=1_000_000) if raw else MAX_CONNECTIONS
+
+    raw = pick("http_idle_timeout_s")
+    http_idle_timeout_s = _as_seconds("http_idle_timeout_s", raw) if raw else HTTP_IDLE_TIMEOUT_S
+    if http_idle_timeout_s <= 0:
+        assert raw is not None
+        raise _bad("http_idle_timeout_s", raw, "must be more than 0 seconds")
+
     labels: dict[str, str] = {}
     if "labels" in file_data:
         value = file_data["labels"]
@@ -430,5 +502,8 @@ def load_config(
         drain_timeout_s=drain_timeout_s,
         api_keys=api_keys,
         hf_cache_dir=hf_cache_dir,
+        model_roots=model_roots,
         labels=labels,
+        max_connections=max_connections,
+        http_idle_timeout_s=http_idle_timeout_s,
     )

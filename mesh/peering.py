@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,9 +40,9 @@ from helexa.mesh.fleet.events import Event, EventBus, EventKind, membership_even
 from helexa.mesh.fleet.membership import MembershipEvent
 from helexa.mesh.fleet.records import NodeRecord
 from helexa.mesh.fleet.view import Fleet
-from helexa.mesh.gossip.auth import MeshAuth
+from helexa.mesh.gossip.auth import MeshAuth, binding
 from helexa.mesh.gossip.exchange import Gossip
-from helexa.mesh.gossip.transport import HttpTransport, PeerAddr
+from helexa.mesh.gossip.transport import GOSSIP_PATH, HttpTransport, PeerAddr
 from helexa.mesh.logs import QuietLog
 from helexa.mesh.metrics import Metrics, PeerState
 from helexa.mesh.routing.cortex import MeshCortex
@@ -168,6 +169,8 @@ class MeshRuntime:
         local: LocalCatalogue,
         metrics: Metrics,
         mesh_key: str | None,
+        api_keys: Sequence[str] = (),
+        model_roots: Sequence[Path] | None = None,
         static_peers: Sequence[str] = (),
         mdns: bool = True,
         options: MeshOptions | None = None,
@@ -179,7 +182,11 @@ class MeshRuntime:
         self.cortex = cortex
         self.metrics = metrics
         self.mdns = mdns
-        self.auth = MeshAuth(mesh_key) if mesh_key else None
+        # A mesh key guards gossip and every other peer request. Without one (an open mesh) gossip is open;
+        # client API keys, if any, then guard the other peer requests with a key derived from them, so
+        # that only agents holding the same keys exchange requests (`mesh.gossip.auth`).
+        self.gossip_auth = MeshAuth(mesh_key) if mesh_key else None
+        self.auth = self.gossip_auth or (MeshAuth.for_client_keys(api_keys) if api_keys else None)
         self.bus = EventBus()
         self.http: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
@@ -189,21 +196,36 @@ class MeshRuntime:
                 seeds.append(PeerAddr.parse(text))
             except ValueError:
                 log.warning("ignoring the bad static peer %r", text)
-        self._transport = _LazyTransport(self.auth)
+        self._transport = _LazyTransport(self.gossip_auth)
         self.gossip = Gossip(own=own, transport=self._transport, timing=self.timing, seeds=seeds)
+        if self.auth is not None:
+            gossip = self.gossip  # requests are bound to this node's id and current generation
+            self.auth.bind(lambda: binding(gossip.self_id, gossip.own.generation))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
         self.peer_log = PeerStateLog()
         self._wire()
         self.catalogue = MeshCatalogue(
-            local=local, view=view, live_records=self.live_records, changed=fleet.mark_changed
+            local=local,
+            view=view,
+            live_records=self.live_records,
+            changed=fleet.mark_changed,
+            roots=model_roots,
+            open_mesh=self.open,
         )
+        self.gossip.accept_entry = self.catalogue.accepts
         self.refresh_catalogue()
         metrics.add_refresher(self.refresh_metrics)
 
     @property
     def open(self) -> bool:
-        return self.auth is None
+        """No mesh key: anyone on the LAN can gossip with this agent."""
+        return self.gossip_auth is None
+
+    @property
+    def unguarded_paths(self) -> tuple[str, ...]:
+        """Peer paths `self.auth` does not guard: gossip, on an open mesh."""
+        return (GOSSIP_PATH,) if self.open else ()
 
     @property
     def events_keepalive_s(self) -> float:
@@ -308,8 +330,15 @@ class MeshRuntime:
         """Run gossip (and discovery, preload, metrics) for the lifetime of the app."""
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0)
         self.http = aiohttp.ClientSession(connector=connector)
-        self._transport.http = HttpTransport(self.http, auth=self.auth)
+        self._transport.http = HttpTransport(self.http, auth=self.gossip_auth)
         self._running = True
+        if self.open and self.auth is not None:
+            log.warning(
+                "open mesh with client API keys: gossip is open (anyone on the LAN can see this fleet and"
+                " announce nodes), but requests are forwarded only to and from agents configured with the"
+                " same API keys, and the keys never leave this agent; on an untrusted network give every"
+                " agent a --mesh-key"
+            )
         self.fleet.rebuild()
         self._spawn(self.gossip.run(), "gossip")
         self._spawn(self._preload(), "preload")

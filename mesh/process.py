@@ -5,7 +5,10 @@ Start-up order (LESSONS: loading before binding made hosts look down for minutes
 1. parse the configuration (a bad value: one line on stderr, exit status 2);
 2. **bind the port** (the socket listens at once: early clients queue in the backlog);
 3. assemble the agent and its application (`mesh.assembly`: identity, a first hardware sample and the
-   catalogue are read off the event loop; problems are warnings, never fatal) and serve it;
+   catalogue are read off the event loop; problems are warnings, never fatal, a full or read-only state
+   directory included) and serve it behind the server's own bounds (`mesh.server.connections`: idle,
+   header and body timeouts, a stalled reader's connection closed, a connection limit, malformed requests
+   answered in the OpenAI envelope);
 4. in the background (`cleanup_ctx`): the hardware sampler, the keep-alive reaper and the mesh
    (`mesh.peering.MeshRuntime`: gossip, mDNS discovery, the event bus, preloads placed on one node).
 
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -38,11 +42,13 @@ from helexa.mesh.agent import Agent
 from helexa.mesh.assembly import build_agent, make_app
 from helexa.mesh.config import AgentConfig, ConfigError, load_config
 from helexa.mesh.logs import configure_logging
+from helexa.mesh.server.connections import ConnectionGuard, GuardedSite, ServerLimits
 from helexa.mesh.server.inference import end_requests
+from helexa.mesh.server.middleware import body_deadline_middleware
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunningAgent", "bind", "main", "serve", "start_agent"]
+__all__ = ["RunningAgent", "bind", "main", "raise_fd_limit", "serve", "start_agent"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -60,6 +66,7 @@ class RunningAgent:
     agent: Agent
     app: web.Application
     runner: web.AppRunner
+    guard: ConnectionGuard
     port: int
     host: str
     closed: bool = False
@@ -121,22 +128,42 @@ async def start_agent(
     *,
     sock: socket.socket | None = None,
     configure: Callable[[web.Application], None] | None = None,
+    limits: ServerLimits | None = None,
     **build: Any,
 ) -> RunningAgent:
     """Bind (unless given a bound socket), assemble the agent and serve it. `build` goes to `build_agent`
-    (tests pass the fake engine, hardware and timings); `configure(app)` may adjust the app first."""
+    (tests pass the fake engine, hardware and timings); `configure(app)` may adjust the app first;
+    `limits` are the HTTP server's bounds (default: from the config, see `mesh.server.connections`)."""
     sock = sock or bind(config.host, config.port)
     port = int(sock.getsockname()[1])
+    limits = limits or ServerLimits.for_process(config)
     agent = await build_agent(config, port=port, **build)
     app = make_app(agent)
+    # The server's own protection of request bodies goes first, outside even the peer authentication
+    # (which reads the body to check its signature).
+    app.middlewares.insert(0, body_deadline_middleware(limits.body_timeout_s))
     if configure is not None:
         configure(app)
     runner = web.AppRunner(
         app, handler_cancellation=True, shutdown_timeout=timing.SHUTDOWN_TIMEOUT_S, access_log=None
     )
     await runner.setup()
-    await web.SockSite(runner, sock).start()
-    return RunningAgent(agent=agent, app=app, runner=runner, port=port, host=config.host)
+    assert runner.server is not None
+    guard = ConnectionGuard(runner.server, limits)
+    await GuardedSite(runner, sock, guard).start()
+    return RunningAgent(agent=agent, app=app, runner=runner, guard=guard, port=port, host=config.host)
+
+
+def raise_fd_limit() -> int | None:
+    """Raise this process's soft file-descriptor limit to the hard one (as Go's runtime does): connections
+    are capped at half of it (`ServerLimits.for_process`), and systemd's default soft limit is 1024.
+    Returns the soft limit now (None: unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft not in (hard, resource.RLIM_INFINITY):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = None) -> int:
@@ -152,7 +179,8 @@ async def serve(config: AgentConfig, *, ready: Callable[[int], None] | None = No
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    running = await start_agent(config, sock=sock)
+    limits = ServerLimits.for_process(config, fd_limit=raise_fd_limit())
+    running = await start_agent(config, sock=sock, limits=limits)
     agent, port = running.agent, running.port
     log.info(
         "helexa agent %s (id %s, mesh %s%s) listening on %s (advertised as %s:%d), ready in %.2f s",

@@ -84,6 +84,12 @@ COUNTS_INTERVAL_S = 2.0
 
 # Accepted clock skew for signed peer requests. NTP keeps LAN hosts well inside this.
 AUTH_MAX_SKEW_S = 30.0
+# Generations are start times in ms. A record whose generation is further than this ahead of this host's
+# clock cannot be real (or its host's clock is badly wrong): it is dropped, and never refuted by jumping
+# this node's own generation past it (a forged generation of 2^63 - 1 made a node answer with 2^63,
+# which no peer could decode). An hour covers clock drift and steps on hosts without NTP; a keyed mesh
+# already needs clocks within AUTH_MAX_SKEW_S.
+GENERATION_MAX_AHEAD_S = 3600.0
 # Nonces remembered for replay detection (entries expire after 2x the skew window). 64k nonces is a few
 # MB and covers far more than the fleet's gossip and forwarding rate within a minute.
 NONCE_CACHE_SIZE = 65536
@@ -98,9 +104,18 @@ PROXY_CONNECT_TIMEOUT_S = 3.0
 # timeout: long answers must not be cut. Non-streamed requests that may think longer pass their own.
 PROXY_STALL_TIMEOUT_S = 60.0
 
-# A non-streamed answer sends nothing until it is complete (a cold load plus a long generation): the
-# stall timeout of such a forward must cover both. Streams carry keep-alives and use the proxy's.
-NON_STREAM_STALL_TIMEOUT_S = 900.0
+# A serving agent answers a forwarded request, or starts its response (SSE keep-alives for a stream,
+# whitespace for a non-streamed one, see below), within one keep-alive interval (1 s). A peer that sends
+# no response at all for this long is frozen (SIGSTOP, a wedged loop): the request has not started there,
+# so it is retried on the next candidate instead of waiting out the freeze.
+PEER_RESPONSE_START_TIMEOUT_S = 5.0
+# A non-streamed forward is answered with a space every `FORWARD_KEEPALIVE_INTERVAL_S` while the serving
+# agent works (a cold load, a long generation; `mesh.server.peer_routes`), then the answer. So a stall
+# timeout can bound it like a stream's: ten missed keep-alives is a stalled peer, not a slow answer. (It
+# was 900 s, to cover a whole cold load plus generation with nothing sent: a frozen peer held requests
+# for 15 minutes.)
+NON_STREAM_STALL_TIMEOUT_S = 10.0
+FORWARD_KEEPALIVE_INTERVAL_S = 1.0
 
 # --- events -----------------------------------------------------------------------------------------
 
@@ -133,6 +148,39 @@ SSE_KEEPALIVE_INTERVAL_S = 1.0
 # many minutes, with nothing sent meanwhile), so that call has only the connect bound.
 CLIENT_REQUEST_TIMEOUT_S = 600.0
 CLIENT_CONNECT_TIMEOUT_S = 5.0
+
+# --- the HTTP server's own bounds (`mesh.server.connections`; tests pass a shrunk `ServerLimits`) -----
+
+# An idle keep-alive connection, or one whose client is still sending a request's headers, is closed after
+# this (aiohttp's keep-alive timer, which also runs from the moment a connection opens; its default is an
+# hour, and 600 idle or slow-header connections were all held). Longer than the idle expiry of the
+# clients' connection pools (httpx, under the openai SDK: 5 s; aiohttp, our peers: 15 s), so a client
+# always drops an idle connection before we close it and never sends a request onto one being closed.
+# Behind a reverse proxy that keeps upstream connections longer (nginx: 60 s) set `http_idle_timeout_s`
+# above the proxy's.
+HTTP_IDLE_TIMEOUT_S = 20.0
+# A request's body must arrive in full within this once its headers have (408 otherwise): a full 16 MiB
+# body needs only ~4.5 Mbit/s, and a client trickling its body holds a connection no longer than this.
+REQUEST_BODY_TIMEOUT_S = 30.0
+# A client that leaves our send buffers full this long has stopped reading: its connection is closed,
+# which ends its request and releases the model it held (a stalled reader held its reservation forever).
+# Streams carry a keep-alive a second, so a live client is always reading; 30 s forgives a stalled link.
+WRITE_STALL_TIMEOUT_S = 30.0
+# Per-connection send buffer (SO_SNDBUF). With the kernel's autotuning a client that stopped reading can
+# leave megabytes queued before our own buffer fills and the write stall timer starts (a slow token
+# stream fills that in many minutes); 256 KiB still carries 2 Gbit/s at a LAN's 1 ms round trip, far more
+# than any answer needs.
+HTTP_SEND_BUFFER_BYTES = 256 * 1024
+# After answering a request whose body was not read in full (a 413, a 408), its remaining bytes are read
+# and dropped this long at most, so a client still sending sees the answer; a slow one is not waited for.
+HTTP_LINGER_S = 2.0
+# Client connections open at once; past this a new connection is answered 503 + Retry-After and closed,
+# so a flood of connections cannot exhaust file descriptors (or memory) that peers and models need. It is
+# also capped at half the process's file-descriptor limit, which `helexa agent` raises to the hard limit
+# at start. 2048 leaves room for a thousand concurrent streams through one agent, twice over.
+MAX_CONNECTIONS = 2048
+# A refused connection is answered when its request arrives, or after this if none does.
+REFUSED_CONNECTION_WAIT_S = 1.0
 
 # --- serving (the neuron's defaults; `NeuronTiming` overrides them per agent) -----------------------
 

@@ -16,15 +16,20 @@ the same tokens. Reported per path (medians): time to first token, decode tokens
 after the first, over the time from the first to the last token) and overall tokens/s (completion
 tokens over the whole request). The ratio HTTP/direct of tokens/s must be at least 0.95.
 
-    scripts/bench engine [--rounds N] [--max-tokens N] [--qwen-max-tokens N] [--skip-qwen]
-                         [--model-dir DIR]   (benchmark a model directory instead)
+Then the concurrency section (`scripts/bench_concurrency.py`, also `scripts/bench concurrency` alone):
+aggregate tok/s and TTFT at 1, 4 and 16 concurrent streams for both models, helexa (a real agent
+process) against `transformers serve --continuous-batching`, interleaved. `--quick` shortens both parts
+(a run of a few minutes), `--skip-peer` leaves transformers serve out, `--skip-concurrency` the section.
+
+    scripts/bench engine [--quick] [--rounds N] [--max-tokens N] [--qwen-max-tokens N] [--skip-qwen]
+                         [--skip-peer] [--skip-concurrency]
+                         [--model-dir DIR]   (benchmark a model directory instead; no concurrency section)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +44,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench_concurrency  # noqa: E402 -- scripts/ is on sys.path (this file's folder)
+
 from helexa.catalogue.entry import ModelEntry  # noqa: E402
 from helexa.catalogue.validate import builtin_path  # noqa: E402
 from helexa.engine.base import (  # noqa: E402
@@ -51,7 +58,6 @@ from helexa.engine.base import (  # noqa: E402
     SamplingParams,
 )
 from helexa.engine.fake import FakeEngine  # noqa: E402
-from helexa.engine.testing import build_qwen25_05b_shaped  # noqa: E402
 from helexa.mesh.assembly import build_app  # noqa: E402
 from helexa.mesh.config import load_config  # noqa: E402
 from helexa.mesh.server.appkeys import AGENT  # noqa: E402
@@ -200,15 +206,6 @@ async def bench_model(
     return min(decode_ratio, overall_ratio)
 
 
-def qwen_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "helexa" / "bench"
-    path = cache / "qwen2.5-0.5b-shaped"
-    if not (path / "config.json").is_file():
-        print(f"building a random-weight Qwen2.5-0.5B-shaped model in {path} (once) ...", flush=True)
-        build_qwen25_05b_shaped(path)
-    return path
-
-
 async def main_async(args: argparse.Namespace) -> int:
     ratios: list[float] = []
     # The floor: the fake engine at 2 ms/token (faster than any real model here) shows what the agent's
@@ -225,7 +222,7 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             print(f"demo model not installed ({demo}); skipped")
         if not args.skip_qwen:
-            path = await asyncio.to_thread(qwen_dir)
+            path = await asyncio.to_thread(bench_concurrency.qwen_dir)
             ratios.append(
                 await bench_model(
                     "qwen2.5-0.5b-shaped", path, rounds=args.rounds, max_tokens=args.qwen_max_tokens
@@ -234,19 +231,34 @@ async def main_async(args: argparse.Namespace) -> int:
     if not ratios:
         print("nothing benchmarked")
         return 1
-    return 0 if min(ratios) >= TARGET_RATIO else 1
+    ok = min(ratios) >= TARGET_RATIO
+    if not args.model_dir and not args.skip_concurrency:
+        opts = bench_concurrency.Options(quick=args.quick, skip_peer=args.skip_peer, skip_qwen=args.skip_qwen)
+        ok &= await bench_concurrency.run_section(opts)
+    return 0 if ok else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/bench engine", description="HTTP stream vs engine in-process"
     )
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=128, help="per request, demo model")
-    parser.add_argument("--qwen-max-tokens", type=int, default=32, help="per request, Qwen-shaped model")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter requests (both parts)")
+    parser.add_argument("--rounds", type=int, help="A/B rounds (default 4, quick 2)")
+    parser.add_argument("--max-tokens", type=int, help="per request, demo model (default 128, quick 32)")
+    parser.add_argument(
+        "--qwen-max-tokens", type=int, help="per request, Qwen-shaped model (default 32, quick 8)"
+    )
     parser.add_argument("--skip-qwen", action="store_true")
+    parser.add_argument("--skip-peer", action="store_true", help="concurrency: no transformers serve")
+    parser.add_argument("--skip-concurrency", action="store_true", help="leave the concurrency section out")
     parser.add_argument("--model-dir", help="benchmark this model directory instead")
-    return asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    quick = {"rounds": 2, "max_tokens": 32, "qwen_max_tokens": 8}
+    full = {"rounds": 4, "max_tokens": 128, "qwen_max_tokens": 32}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,21 @@
   writes run in worker threads, one at a time.
 - `CatalogueView`: what the cortex reads (resolve a name or alias, list the entries).
 - `MeshCatalogue`: the replication. The mesh-wide catalogue is, per id, the newest version among live
-  nodes' records (`mesh.fleet.merge.newest_entries`, tombstones included). Newer entries seen in gossip are
+  nodes' records (tombstones included) *that this agent accepts*. Newer entries seen in gossip are
   adopted into this node's catalogue *and written to its own models.toml* (when the agent reads its
   catalogue from a file), so a model added anywhere survives any one node going away, and a removal (a
   tombstone: `removed = true` with a higher version) spreads. Operator edits (`put_entry`,
   `remove_entry`) get a version above every copy in the mesh.
+
+What it accepts from peers (and from the catalogue API), since on an open mesh anyone can gossip:
+- an entry whose local `source` lies outside this agent's model roots (`<state dir>/models`,
+  `model_roots`) is refused (`catalogue.validate`, the same message whether or not the path exists): it
+  is not listed, not loaded, not written, and never hides an older version this agent accepts; likewise
+  an entry that fails validation, or whose version is beyond the wire's counters (`MAX_COUNTER`);
+- on an open mesh, a peer's tombstone removes the entry from this agent's view (the removal still
+  spreads) but never from its models.toml: only this agent's own API edits remove entries from its file,
+  so a stranger cannot delete the operator's entries from every file (with a mesh key, peers are members
+  and their removals are written).
 
 Pure or loop-only: no HTTP here; `mesh.peering` calls `refresh()` when records or liveness change.
 """
@@ -26,6 +36,7 @@ import orjson
 from helexa.catalogue import store
 from helexa.catalogue.entry import ModelEntry
 from helexa.mesh.errors import InvalidRequest
+from helexa.mesh.fleet.codec import MAX_COUNTER
 from helexa.mesh.fleet.merge import entry_version, newest_entries
 from helexa.mesh.fleet.records import NodeRecord
 
@@ -132,7 +143,9 @@ class MeshCatalogue:
     """Replicates catalogue entries between this node's file and the mesh (see the module docstring).
 
     `live_records()` gives the records of live nodes (own included); `changed()` tells the fleet that this
-    node's record changed (an adoption or an edit is gossiped).
+    node's record changed (an adoption or an edit is gossiped). `roots`: the folders a local source from
+    the network must be in (None: not confined); `open_mesh`: no mesh key (peers' tombstones are not
+    written to the file).
     """
 
     def __init__(
@@ -142,17 +155,30 @@ class MeshCatalogue:
         view: CatalogueView,
         live_records: Callable[[], Sequence[NodeRecord]],
         changed: Callable[[], None],
+        roots: Sequence[Path] | None = None,
+        open_mesh: bool = False,
     ) -> None:
         self.local = local
         self.view = view
+        self.roots = tuple(roots) if roots is not None else None
+        self.open_mesh = open_mesh
         self._live_records = live_records
         self._changed = changed
         self._parsed: dict[bytes, ModelEntry | None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def newest(self) -> dict[str, dict[str, object]]:
-        """The mesh-wide catalogue with tombstones (per id the newest version among live nodes)."""
-        return newest_entries(self._live_records())
+        """The mesh-wide catalogue with tombstones: per id, the newest version among live nodes' records
+        that this agent accepts (`accepts`); one it refuses never hides an older one it accepts."""
+        return newest_entries(self._live_records(), accept=self.accepts)
+
+    def accepts(self, raw: Mapping[str, object]) -> bool:
+        """Whether this agent takes `raw` from the mesh: a version the wire can carry, and a tombstone or
+        an entry that validates here (local sources confined to the model roots)."""
+        version = raw.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_COUNTER:
+            return False
+        return raw.get("removed") is True or self._parse(raw) is not None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         try:
@@ -172,9 +198,9 @@ class MeshCatalogue:
                 self._parsed[key] = local  # this node's own file entry (sources resolved against it)
             else:
                 try:
-                    self._parsed[key] = store.entry_from_dict(raw)
+                    self._parsed[key] = store.entry_from_dict(raw, roots=self.roots)
                 except Exception as e:
-                    log.warning("ignoring the catalogue entry %s from the mesh: %s", eid, e)
+                    log.warning("ignoring the catalogue entry %s from the mesh: %s", eid[:256], e)
                     self._parsed[key] = None
             if len(self._parsed) > PARSE_CACHE_SIZE:
                 self._parsed.clear()
@@ -191,6 +217,16 @@ class MeshCatalogue:
             self.local.dicts[eid] = winner
             self.local.parsed.pop(eid, None)
             adopted = True
+            if self.open_mesh and winner.get("removed") is True:
+                # Anyone can gossip on an open mesh: a peer's removal changes what this agent serves
+                # (while some agent carries it) but never the operator's file.
+                log.info(
+                    "catalogue: %s was removed by a peer (version %d); on an open mesh it stays in %s",
+                    eid,
+                    entry_version(winner),
+                    self.local.path or "this agent's catalogue file",
+                )
+                continue
             log.info("catalogue: adopting %s version %d from the mesh", eid, entry_version(winner))
             self._spawn(self.local.write(eid, winner), f"write catalogue {eid}")
         entries = [
@@ -216,7 +252,8 @@ class MeshCatalogue:
             fields = {**{k: v for k, v in current.items() if k != "version"}, **fields}
         fields = {k: v for k, v in fields.items() if v is not None}
         fields["version"] = max(versions, default=0) + 1
-        entry = store.entry_from_dict(fields, origin="request")  # raises InvalidEntryError on problems
+        # Raises InvalidEntryError on problems (a local source outside the model roots included).
+        entry = store.entry_from_dict(fields, origin="request", roots=self.roots)
         if self.local.path is not None:
             path = self.local.path
             async with self.local.write_lock:

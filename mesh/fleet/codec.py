@@ -61,7 +61,12 @@ MAX_ENGINES = 16
 MAX_LABELS = 64
 MAX_CATALOGUE_ENTRIES = 4096
 MAX_CATALOGUE_ENTRY_BYTES = 64 * 1024
-MAX_INT = 2**63 - 1  # counters, generations, memory sizes: int64 like everything else on the wire
+MAX_INT = 2**63 - 1  # memory sizes and other counts: int64 like everything else on the wire
+# Generations (ms since the epoch), versions and heartbeats: at most 2^53 - 1, so that every value and its
+# successor are exact in any JSON reader (JavaScript's safe integers) and far inside int64. A real
+# generation is ~2^41 (the year 2025 in ms); nothing legitimate comes near the bound. A record beyond it
+# does not decode, so no peer can make another hold (or answer with) a number the mesh cannot carry.
+MAX_COUNTER = 2**53 - 1
 
 _DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))
 _MODEL_STATUSES: frozenset[str] = frozenset(get_args(ModelStatus))
@@ -336,9 +341,9 @@ def node_from_dict(v: object, what: str = "node") -> NodeRecord:
     return NodeRecord(
         node_id=NodeId(_str(d, "id", what, max_chars=MAX_ID_CHARS, nonempty=True)),
         name=_str(d, "name", what),
-        generation=_int(d, "generation", what),
-        version=_int(d, "version", what),
-        heartbeat=_int(d, "heartbeat", what),
+        generation=_int(d, "generation", what, hi=MAX_COUNTER),
+        version=_int(d, "version", what, hi=MAX_COUNTER),
+        heartbeat=_int(d, "heartbeat", what, hi=MAX_COUNTER),
         address=_str(d, "address", what),
         port=_int(d, "port", what, hi=65535),
         mesh=_str(d, "mesh", what, required=False, default="default"),

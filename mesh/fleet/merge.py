@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -175,27 +175,35 @@ def entry_version(e: Mapping[str, object]) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def newest_entries(records: Iterable[NodeRecord]) -> dict[str, dict[str, object]]:
+def newest_entries(
+    records: Iterable[NodeRecord], *, accept: Callable[[Mapping[str, object]], bool] | None = None
+) -> dict[str, dict[str, object]]:
     """The one catalogue merge: per entry id the newest version among `records`' catalogues, tombstones
-    (`"removed": true`) included.
+    (`"removed": true`) included. With `accept`, only among the entries it accepts: one it refuses (an
+    agent's own rules, `mesh.fleet.catalogue.MeshCatalogue.accepts`) never hides an older one it accepts.
 
     Ties on version with different content are broken by the encoded bytes (the same winner on every
     agent), so the result does not depend on the order of `records`.
     """
-    best: dict[str, tuple[int, bytes, Mapping[str, object]]] = {}
+    found: dict[str, list[tuple[int, bytes, Mapping[str, object]]]] = {}
     for r in records:
         for e in r.catalogue:
             eid = e.get("id")
-            if not isinstance(eid, str):
-                continue
-            cand = (entry_version(e), _canonical(e))
-            cur = best.get(eid)
-            if cur is None or cand > cur[:2]:
-                best[eid] = (*cand, e)
-    return {k: dict(v[2]) for k, v in best.items()}
+            if isinstance(eid, str):
+                found.setdefault(eid, []).append((entry_version(e), _canonical(e), e))
+    out: dict[str, dict[str, object]] = {}
+    for eid, candidates in found.items():
+        candidates.sort(key=lambda c: c[:2], reverse=True)
+        for _version, _bytes, entry in candidates:
+            if accept is None or accept(entry):
+                out[eid] = dict(entry)
+                break
+    return out
 
 
-def mesh_catalogue(records: Iterable[NodeRecord]) -> list[dict[str, object]]:
+def mesh_catalogue(
+    records: Iterable[NodeRecord], *, accept: Callable[[Mapping[str, object]], bool] | None = None
+) -> list[dict[str, object]]:
     """The mesh-wide catalogue as listed: `newest_entries` without the deletions, sorted by id."""
-    newest = newest_entries(records)
+    newest = newest_entries(records, accept=accept)
     return [newest[k] for k in sorted(newest) if newest[k].get("removed") is not True]

@@ -41,6 +41,16 @@ whole. Graceful leave pushes the own record with `left = true` to every live pee
 protocol-1 messages too (`syn`, `push`, `full`), so an agent with `compact_digests=False` still gossips
 with this one; an agent older than protocol 2 refuses `csyn` (the exchange fails and is retried).
 
+Numbers are bounded twice. The codec refuses generations, versions and heartbeats beyond `MAX_COUNTER`
+(2^53 - 1). Here, a record (or digest entry) that no real agent can have is dropped: a generation further
+than `GENERATION_MAX_AHEAD_S` ahead of this host's clock (generations are start times in ms), or a
+heartbeat of more than one a millisecond since that start. A record of this node itself that it did not
+write (an earlier run whose clock ran ahead, or a forger: a newer version, other content under its own
+version, a heartbeat ahead of its own) is refuted with a new generation just above it, never by adopting
+anything it says, and never past the skew bound. (A forged generation of 2^63 - 1 once made a node answer
+with 2^63, which no peer could decode: it was cut off, and stayed so across restarts.) A host whose clock
+is more than the bound behind its peers' drops their records until its clock is set, and says so.
+
 The transport (`mesh.gossip.transport`) is `async (peer, body) -> reply body` and raises on failure:
 `HttpTransport` posts to `POST /mesh/peer/gossip` (served by `gossip_handler(gossip)`), `InMemoryNetwork`
 connects gossipers in one process (tests, `scripts/bench_gossip_sim.py`).
@@ -60,6 +70,7 @@ from types import MappingProxyType
 from typing import Any
 
 from helexa.mesh.fleet.codec import (
+    MAX_COUNTER,
     CodecError,
     decode_ints,
     decode_json,
@@ -83,7 +94,13 @@ from helexa.mesh.fleet.merge import (
 from helexa.mesh.fleet.records import Liveness, NodeId, NodeRecord
 from helexa.mesh.gossip.transport import GossipError, PeerAddr, Transport
 from helexa.mesh.logs import QuietLog
-from helexa.mesh.timing import DEFAULT_TIMING, MAX_GOSSIP_MESSAGE_BYTES, SEED_BACKOFF_MAX_S, MeshTiming
+from helexa.mesh.timing import (
+    DEFAULT_TIMING,
+    GENERATION_MAX_AHEAD_S,
+    MAX_GOSSIP_MESSAGE_BYTES,
+    SEED_BACKOFF_MAX_S,
+    MeshTiming,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +110,7 @@ PROTOCOL_VERSION = 2
 MAX_DIGEST_ENTRIES = 100_000
 _CONTENT_HASH_CHARS = 8  # mesh.fleet.merge.content_hash
 _MAX_INT = 2**63 - 1
+HeartbeatUpdate = tuple[NodeId, int, int, int]  # (node id, generation, version, heartbeat)
 
 
 RecordListener = Callable[[NodeRecord | None, NodeRecord | None], None]  # (old, new); new None: forgotten
@@ -109,7 +127,8 @@ class GossipStats:
     exchanges_failed: int = 0
     messages_handled: int = 0
     messages_refused: int = 0
-    records_dropped: int = 0  # peer records that failed to decode or belonged to another mesh
+    records_dropped: int = 0  # peer records that failed to decode, were implausible, or of another mesh
+    refutations: int = 0  # times this node answered a record of itself it did not write
     digest_fallbacks: int = 0  # compact exchanges that needed the explicit digest (node sets differed)
 
 
@@ -131,6 +150,8 @@ class Gossip:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         seeds: Iterable[PeerAddr] = (),
+        wall_clock: Callable[[], float] = time.time,
+        generation_max_ahead_s: float = GENERATION_MAX_AHEAD_S,
     ) -> None:
         self.mesh = own.mesh
         self.self_id = own.node_id
@@ -138,6 +159,8 @@ class Gossip:
         self.stats = GossipStats()
         self._transport = transport
         self._clock = clock
+        self._wall = wall_clock
+        self._ahead_ms = int(generation_max_ahead_s * 1000)
         self._rng = rng or random.Random()
         self._view: dict[NodeId, NodeRecord] = {own.node_id: own}
         self.detector = FailureDetector(self_id=own.node_id, timing=timing, clock=clock)
@@ -145,7 +168,10 @@ class Gossip:
         self._tombstones: dict[NodeId, tuple[DigestEntry, float]] = {}
         self._record_listeners: list[RecordListener] = []
         self._failures = QuietLog()  # per peer address: a failing peer is warned about once
+        self._implausible_log = QuietLog()  # per sender: implausible records are warned about once
         self._leaving = False
+        # Which catalogue entries `catalogue()` lists (None: all); the agent sets its catalogue's rules.
+        self.accept_entry: Callable[[Mapping[str, object]], bool] | None = None
         # members(view) and its hash, recomputed only when a node is added, dropped or changes generation
         # (every such change goes through `_membership_changed`); heartbeat and version moves keep it.
         self._members: tuple[list[tuple[NodeId, int]], str] | None = None
@@ -177,9 +203,11 @@ class Gossip:
         ]
 
     def catalogue(self) -> list[dict[str, object]]:
-        """The mesh-wide catalogue over every known record that is not dead or left."""
+        """The mesh-wide catalogue over every known record that is not dead or left, of the entries
+        `accept_entry` takes (the agent's catalogue rules, `mesh.fleet.catalogue.MeshCatalogue.accepts`)."""
         return mesh_catalogue(
-            r for nid, r in self._view.items() if self.detector.liveness(nid) in ("alive", "suspect")
+            (r for nid, r in self._view.items() if self.detector.liveness(nid) in ("alive", "suspect")),
+            accept=self.accept_entry,
         )
 
     def add_record_listener(self, fn: RecordListener) -> None:
@@ -212,6 +240,8 @@ class Gossip:
         if record.node_id != self.self_id or record.key < old.key:
             raise ValueError("set_own needs this node's record with a (generation, version) not older")
         new = dataclasses.replace(record, heartbeat=max(record.heartbeat, old.heartbeat))
+        if self._leaving:  # announced: a later rebuild elsewhere must not take the leave back
+            new = dataclasses.replace(new, left=True, draining=True)
         self._view[self.self_id] = new
         if new.generation != old.generation:
             self._membership_changed()
@@ -405,11 +435,7 @@ class Gossip:
         d_ver = decode_ints(reply["ver"], n, "ack.ver") if "ver" in reply else [0] * n
         self._absorb(reply, reply.get("records"), None)
         sender = reply.get("from") if isinstance(reply.get("from"), str) else None
-        updates: list[tuple[NodeId, int, int, int]] = []
-        for i, (nid, gen) in enumerate(ms):
-            ver, hb = my_ver[i] + d_ver[i], my_hb[i] + d_hb[i]
-            if nid != self.self_id and 0 <= ver <= _MAX_INT and 0 <= hb <= _MAX_INT:
-                updates.append((nid, gen, ver, hb))
+        updates = [(nid, gen, my_ver[i] + d_ver[i], my_hb[i] + d_hb[i]) for i, (nid, gen) in enumerate(ms)]
         self._apply_heartbeat_updates(updates, sender)
         records = []
         for i in _int_list(reply.get("want"), n):
@@ -444,14 +470,14 @@ class Gossip:
         hb = reply.get("hb")
         if not isinstance(hb, list):
             return
-        updates: list[tuple[NodeId, int, int, int]] = []
+        updates: list[HeartbeatUpdate] = []
         for item in hb[: len(syn)]:
             if (
                 isinstance(item, list)
                 and len(item) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
                 and 0 <= item[0] < len(syn)
-                and 0 <= item[1] <= _MAX_INT
+                and 0 <= item[1] <= MAX_COUNTER
             ):
                 nid, gen, ver, _ = syn[item[0]]
                 updates.append((nid, gen, ver, item[1]))
@@ -504,12 +530,13 @@ class Gossip:
         raise CodecError(f"unknown message type {str(kind)[:40]!r}")
 
     def _ack(self, their: list[tuple[NodeId, DigestEntry]], sender: str | None) -> dict[str, object]:
+        # Entries no real agent can have (a generation from the future) are treated as absent: the sender
+        # gets this node's records for them and is never asked for theirs.
+        their = [(nid, e) for nid, e in their if self._implausible(*e, node_id=nid) is None]
         their_map = dict(their)
         # Where only their heartbeat is ahead, their digest entry already is the update: apply it here
         # instead of asking for it (saves a third message per exchange in the steady state).
-        self._apply_heartbeat_updates(
-            [(nid, g, v, h) for nid, (g, v, h) in their if nid != self.self_id], sender
-        )
+        self._apply_heartbeat_updates([(nid, g, v, h) for nid, (g, v, h) in their], sender)
         delta = diff(self._view, their_map)
         index = {nid: i for i, (nid, _) in enumerate(their)}
         want_full = [
@@ -532,19 +559,18 @@ class Gossip:
         ref = msg.get("t")
         if not isinstance(ref, int) or isinstance(ref, bool) or not -_MAX_INT <= ref <= _MAX_INT:
             raise CodecError("csyn.t: expected an int64")
-        their_ver = decode_ints(msg.get("ver"), n, "csyn.ver", lo=0)
+        their_ver = decode_ints(msg.get("ver"), n, "csyn.ver", lo=0, hi=MAX_COUNTER)
         their_hb = [
             ref - gen // 1000 + d
             for (_, gen), d in zip(ms, decode_ints(msg.get("hb"), n, "csyn.hb"), strict=True)
         ]
-        if not all(0 <= hb <= _MAX_INT for hb in their_hb):
-            raise CodecError("csyn.hb: a heartbeat outside [0, 2^63)")
+        if not all(0 <= hb <= MAX_COUNTER for hb in their_hb):
+            raise CodecError("csyn.hb: a heartbeat outside [0, 2^53)")
         hashes = msg.get("ch")
         if hashes is not None and not (isinstance(hashes, str) and len(hashes) == n * _CONTENT_HASH_CHARS):
             raise CodecError(f"csyn.ch: expected a string of {n} content hashes")
         self._apply_heartbeat_updates(
-            [(nid, gen, their_ver[i], their_hb[i]) for i, (nid, gen) in enumerate(ms) if nid != self.self_id],
-            sender,
+            [(nid, gen, their_ver[i], their_hb[i]) for i, (nid, gen) in enumerate(ms)], sender
         )
         records: list[dict[str, object]] = []
         want: list[int] = []
@@ -572,16 +598,26 @@ class Gossip:
             reply["want"] = want
         return reply
 
-    def _apply_heartbeat_updates(
-        self, updates: list[tuple[NodeId, int, int, int]], sender: str | None
-    ) -> None:
-        for nid in apply_heartbeats(self._view, updates):
+    def _apply_heartbeat_updates(self, updates: Iterable[HeartbeatUpdate], sender: str | None) -> None:
+        """Advance heartbeats where (generation, version) match; implausible entries are ignored. An entry
+        for this node itself that is ahead of its own heartbeat (only a forger can write one) is refuted:
+        peers holding it would never see this node's heartbeat advance, and declare it dead."""
+        plausible: list[HeartbeatUpdate] = []
+        for nid, gen, ver, hb in updates:
+            if nid == self.self_id:
+                own = self.own
+                if (gen, ver) == own.key and hb > own.heartbeat and not self._leaving:
+                    self._refute(f"a heartbeat of {hb} under its own generation and version")
+                continue
+            if self._implausible(gen, ver, hb) is None:
+                plausible.append((nid, gen, ver, hb))
+        for nid in apply_heartbeats(self._view, plausible):
             self.detector.observe(self._view[nid], direct=nid == sender)
 
     def _absorb_heartbeats(self, v: object, sender: str | None) -> None:
         if not isinstance(v, list):
             return
-        updates = []
+        updates: list[HeartbeatUpdate] = []
         for item in v[:MAX_DIGEST_ENTRIES]:
             parsed = _digest_item(item)
             if parsed is not None:
@@ -602,27 +638,30 @@ class Gossip:
                 self.stats.records_dropped += 1
                 log.debug("dropping a record from %s: %s", sender, e)
                 continue
-            self._merge_one(rec, direct=rec.node_id == sender)
+            self._merge_one(rec, direct=rec.node_id == sender, sender=sender)
 
-    def _merge_one(self, rec: NodeRecord, *, direct: bool) -> None:
+    def _merge_one(self, rec: NodeRecord, *, direct: bool, sender: str | None = None) -> None:
         if rec.mesh != self.mesh:
             self.stats.records_dropped += 1
             return
+        why = self._implausible(rec.generation, rec.version, rec.heartbeat, node_id=rec.node_id)
+        if why is not None:
+            self.stats.records_dropped += 1
+            level = self._implausible_log.level(str(sender))
+            log.log(
+                level,
+                "dropping a record of node %s from %s: %s%s",
+                rec.node_id[:64],
+                str(sender)[:64],
+                why,
+                " (a forged record, or that host's clock is wrong; repeats are logged at debug)"
+                if level > logging.DEBUG
+                else "",
+            )
+            return
         nid = rec.node_id
         if nid == self.self_id:
-            own = self.own
-            if order_key(rec)[:2] > order_key(own)[:2]:
-                # Someone holds a "newer" record of us: an earlier run with a clock ahead of ours. Refute
-                # it with a generation above it, or peers would keep the stale one.
-                log.warning(
-                    "peers hold a newer record of this node (generation %d); refuting", rec.generation
-                )
-                new = dataclasses.replace(
-                    own, generation=max(rec.generation + 1, int(time.time() * 1000)), version=0
-                )
-                self._view[nid] = new
-                self._membership_changed()
-                self._notify(own, new)
+            self._refute_record(rec)
             return
         tomb = self._tombstones.get(nid)
         if tomb is not None:
@@ -637,6 +676,77 @@ class Gossip:
             self.detector.observe(new, direct=direct)
             if old is None or order_key(old)[:2] != order_key(new)[:2]:
                 self._notify(old, new)
+
+    # --- plausibility and refutation ------------------------------------------------------------------
+
+    def _max_generation(self) -> int:
+        """The largest generation a real record can have now: this host's clock plus the allowed skew."""
+        return int(self._wall() * 1000) + self._ahead_ms
+
+    def _implausible(
+        self, generation: int, version: int, heartbeat: int, *, node_id: NodeId | None = None
+    ) -> str | None:
+        """Why (generation, version, heartbeat) cannot be a real agent's, or None when they can be.
+
+        Generations are start times in ms, so none lies further than the allowed skew in this host's
+        future; a heartbeat counts gossip rounds since that start, so it is at most one per millisecond
+        since then (a bound no real interval comes near, but one a forger cannot push past). The heartbeat
+        of a record of this node itself is not judged: nothing of such a record is adopted, and one that
+        a peer (whose clock may be ahead) holds above the own heartbeat must be refuted, not ignored."""
+        if node_id == self.self_id:
+            heartbeat = 0
+        limit = self._max_generation()
+        if not 0 <= generation <= limit:
+            ahead_s = (generation - limit + self._ahead_ms) / 1000
+            return f"its generation {generation} is {ahead_s:.0f} s ahead of this host's clock"
+        if not 0 <= version <= MAX_COUNTER:
+            return f"its version {version} is out of range"
+        if not 0 <= heartbeat <= limit - generation:
+            return f"its heartbeat {heartbeat} is more than one per millisecond since its start"
+        return None
+
+    def _refute(self, what: str, *, above: int | None = None) -> None:
+        """Peers hold a record of this node that this node did not write (`what` it says): an earlier run
+        whose clock was ahead of ours, or a forger (a newer version, other content under the own version, a
+        heartbeat ahead of the own). Answer with a new generation above it (`above`: the record's, if
+        newer than the own), so that every peer takes the own record over it again, as a restart; nothing
+        the record says is adopted. The new generation stays within the allowed skew of this host's
+        clock: `above` passed `_implausible`, so it is at most one past the bound, and a refutation that
+        would go further (a flood of forgeries, each pushing the generation on) is not made."""
+        own = self.own
+        now_ms = int(self._wall() * 1000)
+        generation = max(own.generation if above is None else above, own.generation) + 1
+        generation = max(generation, now_ms)
+        if generation > now_ms + self._ahead_ms + 1:
+            log.debug("not refuting %s: the generation would run ahead of this host's clock", what)
+            return
+        level = self._implausible_log.level("refute")
+        log.log(
+            level,
+            "peers hold a record of this node it did not write (%s); refuting it with generation %d%s",
+            what,
+            generation,
+            " (repeats are logged at debug)" if level > logging.DEBUG else "",
+        )
+        new = dataclasses.replace(own, generation=generation, version=0)
+        self._view[self.self_id] = new
+        self.stats.refutations += 1
+        self._membership_changed()
+        self._notify(own, new)
+
+    def _refute_record(self, rec: NodeRecord) -> None:
+        """A (plausible) record of this node arrived: refute it if it would win over the own record, or
+        tell the own record apart from it under the same (generation, version)."""
+        own = self.own
+        if self._leaving:
+            return  # gone: nothing left to defend (and a stale copy of the leave is not a forgery)
+        if rec.key > own.key:
+            self._refute(f"generation {rec.generation}, version {rec.version}", above=rec.generation)
+        elif rec.key == own.key:
+            if rec.heartbeat > own.heartbeat:
+                self._refute(f"a heartbeat of {rec.heartbeat} under its own generation and version")
+            elif dataclasses.replace(rec, heartbeat=own.heartbeat) != own:
+                self._refute(f"other content under its own version {own.version}")
 
     # --- leave --------------------------------------------------------------------------------------
 
@@ -670,7 +780,7 @@ def _digest_item(item: object) -> tuple[NodeId, DigestEntry] | None:
     ):
         return None
     nums = item[1:]
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_INT for x in nums):
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNTER for x in nums):
         return None
     return NodeId(item[0]), (nums[0], nums[1], nums[2])
 

@@ -1,10 +1,11 @@
 """How gossip messages travel: peer addresses, the HTTP transport and its handler, an in-memory network.
 
 A transport is `async (peer, body) -> reply body` that raises on failure. `HttpTransport` posts to
-`POST /mesh/peer/gossip` (signed and checked with the mesh key, `mesh.gossip.auth`), where
-`gossip_handler(gossip)` answers; `InMemoryNetwork` connects gossipers in one process (tests,
-`scripts/bench_gossip_sim.py`). Anything with `handle(body) -> (status, reply)` (`mesh.gossip.exchange.
-Gossip`) can answer.
+`POST /mesh/peer/gossip` (signed and checked with the mesh key, `mesh.gossip.auth`: each request bound to
+the receiving agent, whose binding it learns from the signed replies, or from the challenge that answers
+a first contact), where `gossip_handler(gossip)` answers; `InMemoryNetwork` connects gossipers in one
+process (tests, `scripts/bench_gossip_sim.py`). Anything with `handle(body) -> (status, reply)`
+(`mesh.gossip.exchange.Gossip`) can answer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Final, Protocol
 
 from aiohttp import ClientSession, web
 
-from helexa.mesh.gossip.auth import NONCE_HEADER, MeshAuth
+from helexa.mesh.gossip.auth import ANY_TARGET, NONCE_HEADER, MeshAuth
 from helexa.mesh.timing import MAX_GOSSIP_MESSAGE_BYTES
 
 __all__ = [
@@ -80,10 +81,16 @@ class GossipError(Exception):
 # aiohttp's default Accept, Accept-Encoding and User-Agent add ~75 B to every gossip request (~35 % of the
 # headers of an open mesh) and the gossip handler reads none of them.
 _SKIP_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+# Bindings remembered per peer address; forgotten all at once past this many (then relearned by challenge).
+_MAX_TARGETS = 4096
 
 
 class HttpTransport:
-    """Posts gossip messages to `POST /mesh/peer/gossip` with aiohttp; signs and checks with a mesh key."""
+    """Posts gossip messages to `POST /mesh/peer/gossip` with aiohttp; signs and checks with a mesh key.
+
+    With a key, each request is bound to the agent at the address (`mesh.gossip.auth`): the binding is
+    learned from every signed reply; a first contact (or a peer that restarted) is answered with a signed
+    challenge carrying the current binding, and the message is sent again once, bound to it."""
 
     def __init__(
         self, session: ClientSession, *, auth: MeshAuth | None = None, path: str = GOSSIP_PATH
@@ -91,22 +98,44 @@ class HttpTransport:
         self._session = session
         self._auth = auth
         self._path = path
+        self._targets: dict[PeerAddr, str] = {}
+
+    def target(self, peer: PeerAddr) -> str:
+        """The binding requests to `peer` are signed for (`*` until learned)."""
+        return self._targets.get(peer, ANY_TARGET)
+
+    def _learn(self, peer: PeerAddr, node: str) -> None:
+        if len(self._targets) >= _MAX_TARGETS and peer not in self._targets:
+            self._targets.clear()
+        self._targets[peer] = node
 
     async def __call__(self, peer: PeerAddr, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self._auth is not None:
-            headers.update(self._auth.sign("POST", self._path, body))
-        async with self._session.post(
-            f"{peer.url}{self._path}", data=body, headers=headers, skip_auto_headers=_SKIP_HEADERS
-        ) as resp:
-            data = await resp.content.read(MAX_GOSSIP_MESSAGE_BYTES + 1)
-            if len(data) > MAX_GOSSIP_MESSAGE_BYTES:
-                raise GossipError("reply too large")
-            if resp.status != 200:
-                raise GossipError(f"HTTP {resp.status}: {data[:200]!r}")
-            if self._auth is not None:
-                self._auth.verify_response(headers[NONCE_HEADER], resp.status, data, resp.headers)
-            return data
+        auth = self._auth
+        target = self.target(peer)
+        for attempt in range(2):
+            headers = {"Content-Type": "application/json"}
+            if auth is not None:
+                headers.update(auth.sign("POST", self._path, body, target=target))
+            async with self._session.post(
+                f"{peer.url}{self._path}", data=body, headers=headers, skip_auto_headers=_SKIP_HEADERS
+            ) as resp:
+                data = await resp.content.read(MAX_GOSSIP_MESSAGE_BYTES + 1)
+                if len(data) > MAX_GOSSIP_MESSAGE_BYTES:
+                    raise GossipError("reply too large")
+                if auth is not None and attempt == 0:
+                    learned = auth.challenge(headers[NONCE_HEADER], resp.status, data, resp.headers)
+                    if learned is not None and learned != target:
+                        self._learn(peer, learned)
+                        target = learned
+                        continue
+                if resp.status != 200:
+                    raise GossipError(f"HTTP {resp.status}: {data[:200]!r}")
+                if auth is not None:
+                    self._learn(
+                        peer, auth.verify_response(headers[NONCE_HEADER], resp.status, data, resp.headers)
+                    )
+                return data
+        raise GossipError("the peer challenged a request signed for the binding it asked for")
 
 
 def gossip_handler(gossip: Responder) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -35,6 +35,9 @@ from helexa.mesh.timing import DEFAULT_RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 
+# The name `_infeasible_reason` gives nodes while asking `placement` why a model cannot run there, then
+# rewrites: the reasons reach clients, which are never told hostnames.
+_UNNAMED = "\x00"
 # Order of "best" status over a model's locations, for `/v1/models`.
 _STATUS_RANK = {"loaded": 3, "loading": 2, "failed": 1, "unloaded": 0}
 
@@ -109,8 +112,9 @@ class MeshCortex:
                 # Only nodes on their way out could run it (pinned there, or the only ones big enough): a
                 # transient condition, answered with Retry-After (a restarted node serves it again).
                 raise errors.ModelUnavailable(
-                    f"The model '{entry.id}' can only run on {', '.join(draining)}, which "
-                    f"{'is' if len(draining) == 1 else 'are'} shutting down",
+                    f"The model '{entry.id}' can only run on "
+                    f"{'a node that is' if len(draining) == 1 else f'{len(draining)} nodes that are'}"
+                    " shutting down",
                     reason="draining",
                     retry_after_s=DEFAULT_RETRY_AFTER_S,
                     code=DRAINING_CODE,
@@ -149,16 +153,23 @@ class MeshCortex:
         return placement.feasible_on(entry, nodes)
 
     def _infeasible_reason(self, entry: ModelEntry, nodes: Sequence[NodeRecord]) -> str:
+        """Why `entry` runs nowhere, for the client: the reasons without node names (`mesh.errors`
+        promises client messages carry no internal hostnames), the same reason counted once."""
         if not nodes:
             return f"The model '{entry.id}' cannot be served now: no node is available (this one is draining)"
         if entry.pinned_on:
             names = {n.name for n in nodes} | {n.node_id for n in nodes}
             if not names & set(entry.pinned_on):
-                return (
-                    f"The model '{entry.id}' is pinned on {', '.join(entry.pinned_on)}, and none of them"
-                    " is available"
-                )
-        reasons = [r for n in nodes if (r := placement.infeasible_reason(entry, n)) is not None]
+                count = len(entry.pinned_on)
+                where = "a node that is" if count == 1 else f"{count} nodes, none of which is"
+                return f"The model '{entry.id}' is pinned on {where} available"
+        counted: dict[str, int] = {}
+        for node in nodes:
+            reason = placement.infeasible_reason(entry, dataclasses.replace(node, name=_UNNAMED))
+            if reason is not None:
+                reason = reason.replace(f"node {_UNNAMED}", "the node").replace(_UNNAMED, "the node")
+                counted[reason] = counted.get(reason, 0) + 1
+        reasons = [r if n == 1 else f"{r} ({n} nodes like this)" for r, n in counted.items()]
         detail = f": {'; '.join(reasons)}" if reasons else ""
         return f"The model '{entry.id}' cannot run on any node of the mesh{detail}"
 

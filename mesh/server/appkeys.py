@@ -44,6 +44,6 @@ HEALTH: web.AppKey[HealthProbe] = web.AppKey("helexa_health")
 KEEPALIVE_INTERVAL_S: web.AppKey[float] = web.AppKey("helexa_keepalive_interval_s", float)
 
 # Per-request flag: the client's authorization was already established (a forwarded request from a peer
-# that proved the mesh key, or whose client API key the peer API checked), so `/v1` handlers skip the
-# client API-key check.
+# that proved the mesh key, or on an open mesh the key derived from the same client API keys: the entry
+# agent checked the client's key, which never travels), so `/v1` handlers skip the client API-key check.
 CLIENT_AUTHORIZED: web.RequestKey[bool] = web.RequestKey("helexa_client_authorized", bool)

@@ -3,7 +3,9 @@
 Every error, ours, the engine's, aiohttp's own 404/405/413 and anything unexpected, is turned into the
 OpenAI envelope `{"error": {"message", "type", "param", "code"}}` with its status (and `Retry-After` /
 `Allow` headers) in exactly one place, `error_middleware`; the agent never answers a bare traceback.
-Foreign exceptions are translated by class, looked up along the MRO (as starlette does).
+Foreign exceptions are translated by class, looked up along the MRO (as starlette does). Requests
+aiohttp cannot even parse never reach a middleware: `mesh.server.connections` answers those, in the same
+envelope. `body_deadline_middleware` (outermost) reads every body within a deadline (408 past it).
 
 `bearer_check` is the one comparison of an `Authorization: Bearer <key>` header against configured keys
 (constant time, every key compared): client API keys on `/v1` (`authorize_client`), the client's key
@@ -12,6 +14,7 @@ carried by a peer on an open mesh, the mesh key on the changing operator endpoin
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,11 +22,13 @@ from typing import Final, Literal
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from helexa.engine.errors import EngineError
 from helexa.mesh.errors import (
     HelexaError,
     InternalError,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -40,6 +45,7 @@ __all__ = [
     "Handler",
     "authorize_client",
     "bearer_check",
+    "body_deadline_middleware",
     "error_middleware",
     "error_response",
     "json_body_response",
@@ -67,6 +73,15 @@ def _from_http_exception(exc: web.HTTPException) -> HelexaError:
     return err
 
 
+def _from_payload(exc: BaseException) -> HelexaError:
+    # The body broke off or was malformed (bad chunking, a short Content-Length): the client's doing.
+    # aiohttp's message quotes the offending bytes, so it is not repeated.
+    logger.debug("malformed request body: %s", type(exc.__cause__ or exc).__name__)
+    return InvalidRequest(
+        "malformed request body (bad chunked encoding, or shorter than its length)", code="malformed_request"
+    )
+
+
 def _from_unexpected(exc: BaseException) -> HelexaError:
     logger.error("unexpected error: %r", exc, exc_info=exc)
     return InternalError()
@@ -86,6 +101,7 @@ def _from_http(exc: BaseException) -> HelexaError:
 _TRANSLATORS: Final[dict[type[BaseException], Callable[[BaseException], HelexaError]]] = {
     EngineError: _from_engine,
     web.HTTPException: _from_http,
+    web.RequestPayloadError: _from_payload,
     Exception: _from_unexpected,
 }
 
@@ -121,6 +137,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(to_helexa_error(exc))
     except Exception as exc:
         return error_response(to_helexa_error(exc))
+
+
+def body_deadline_middleware(timeout_s: float) -> Middleware:
+    """Read every request body in full within `timeout_s` of its headers, before any handler (it goes
+    first, outside even the peer authentication): a client trickling its body gets 408 and the connection
+    closed. Handlers then get the body from aiohttp's cache (`request.read()`); `client_max_size` still
+    bounds it (413)."""
+
+    @web.middleware
+    async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.can_read_body:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await request.read()
+            except TimeoutError:
+                logger.info(
+                    "request body from %s did not arrive within %.0f s: 408", request.remote, timeout_s
+                )
+                err = HelexaError(
+                    f"the request body did not arrive within {timeout_s:g} s", code="request_timeout"
+                )
+                err.status, err.type = 408, "invalid_request_error"
+                return _closing(error_response(err))
+            except (web.HTTPException, web.RequestPayloadError) as exc:
+                return _closing(error_response(to_helexa_error(exc)))
+        return await handler(request)
+
+    return body_deadline
+
+
+def _closing(response: web.Response) -> web.Response:
+    response.force_close()
+    return response
 
 
 def json_body_response(body: bytes, status: int = 200) -> web.Response:

@@ -8,7 +8,8 @@
     POST   /mesh/catalogue      {entry}  add or update (written to this agent's models.toml, gossiped)
     DELETE /mesh/catalogue/{id}          remove mesh-wide (a tombstone with a higher version)
 
-Successes answer `{"message": ..., ...}`; errors the OpenAI envelope. A failed load names the engine's
+Successes answer `{"message": ..., ...}`; errors the OpenAI envelope (a catalogue edit the disk refuses:
+507 naming the file and the reason, e.g. "no space left on device"). A failed load names the engine's
 reason (`Neuron.with_load_detail`: its first line, file paths included, never a traceback); the client API
 (`/v1/*`) keeps the generic message. Reads (state, events, catalogue)
 read cached state only and are open like `/v1/models`. **With a mesh key, the changing endpoints (load,
@@ -26,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from helexa.catalogue import placement
-from helexa.catalogue.store import CatalogueEditError, InvalidEntryError, entry_to_dict
+from helexa.catalogue.store import CatalogueEditError, CatalogueWriteError, InvalidEntryError, entry_to_dict
 from helexa.mesh import errors, sse
 from helexa.mesh.agent import AGENT_VERSION, Agent
 from helexa.mesh.fleet.codec import dumps, state_to_json
@@ -59,6 +60,14 @@ def state(agent: Agent) -> dict[str, object]:
         catalogue=mesh.gossip.catalogue(),
         feasible_on=feasible,
     )
+
+
+def _insufficient_storage(message: str) -> errors.HelexaError:
+    """507: this agent's disk refused a write (full, read-only). The message names the file: operators
+    need to know which disk to free, and this API is theirs (never the client API's)."""
+    err = errors.HelexaError(message, code="insufficient_storage")
+    err.status = 507
+    return err
 
 
 def _message(text: str, **extra: object) -> web.Response:
@@ -215,6 +224,9 @@ async def put_catalogue(request: web.Request) -> web.StreamResponse:
         entry = await agent.mesh.catalogue.put_entry(data)
     except (InvalidEntryError, CatalogueEditError) as e:
         raise errors.InvalidRequest(f"the entry was refused: {e}") from e
+    except CatalogueWriteError as e:
+        log.warning("catalogue edit of %s refused: %s", data.get("id"), e)
+        raise _insufficient_storage(f"the entry was not saved: {e}") from e
     return _message(f"{entry.id} saved (version {entry.version})", entry=entry_to_dict(entry))
 
 

@@ -5,14 +5,25 @@
     POST /mesh/peer/v1/completions
     POST /mesh/peer/load    {"model"}      load on this node (operator loads placed here); returns when loaded
     POST /mesh/peer/unload  {"model"}      unload from this node
+    POST /mesh/peer/hello   {}             a signed reply: proves this agent holds the key
 
-With a mesh key every request under `/mesh/peer/` must carry a valid HMAC signature
+With a mesh key every request under `/mesh/peer/` must carry a valid HMAC signature bound to this agent
 (`mesh.gossip.auth.peer_auth_middleware`, installed in front of the error middleware); peers without the
-key are refused with 401 and logged once. Handlers read the agent from the app (`AGENT`).
+key are refused with 401 and logged once. On an open mesh with client API keys the same holds for every
+path but gossip, with the key derived from the client keys. Either way the signature is what authorizes a
+forwarded request: the entry agent checked the client's key, which never travels. Handlers read the
+agent from the app (`AGENT`).
+
+A forwarded non-streamed request that asks for a deferred answer (`DEFERRED_HEADER`) is answered at once
+with `200` and a space every keep-alive interval while it runs, then its real status and body
+(`mesh.routing.peer_client`), so that the entry agent's stall timeout tells a slow answer from a frozen
+agent. One that is done within the first interval gets its plain answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import orjson
@@ -21,37 +32,104 @@ from aiohttp import web
 from helexa.mesh import errors
 from helexa.mesh.gossip.transport import GOSSIP_PATH, Responder, gossip_handler
 from helexa.mesh.routing.peer_client import (
-    CLIENT_AUTH_HEADER,
+    DEFERRED_HEADER,
     FORWARD_PREFIX,
     FORWARDED_HEADER,
+    HELLO_PATH,
     LOAD_PATH,
     UNLOAD_PATH,
 )
-from helexa.mesh.server.appkeys import AGENT, API_KEYS, CLIENT_AUTHORIZED
+from helexa.mesh.server.appkeys import AGENT, CLIENT_AUTHORIZED, KEEPALIVE_INTERVAL_S
 from helexa.mesh.server.inference import chat_completions, completions
-from helexa.mesh.server.middleware import Handler, bearer_check
+from helexa.mesh.server.middleware import Handler, error_response, to_helexa_error
+from helexa.mesh.timing import FORWARD_KEEPALIVE_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
 __all__ = ["add_peer_routes"]
 
 
-def _client_key_ok(request: web.Request) -> bool:
-    """Open mesh: the client's key, carried by the entry agent, checked against this agent's keys."""
-    keys = request.app.get(API_KEYS)
-    return not keys or bearer_check(request.headers.get(CLIENT_AUTH_HEADER, ""), keys) == "ok"
-
-
 def _forwarded(handler: Handler) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         if FORWARDED_HEADER not in request.headers:
             raise errors.InvalidRequest(f"peer inference requests carry {FORWARDED_HEADER}")
-        # With a mesh key the middleware has verified the peer; the entry agent checked the client.
-        if request.app[AGENT].mesh.auth is not None or _client_key_ok(request):
+        # With a mesh key, or client keys on an open mesh, the middleware has verified the peer (it holds
+        # the same key), and the entry agent checked the client. Without either, there is no client key
+        # here to check.
+        if request.app[AGENT].mesh.auth is not None:
             request[CLIENT_AUTHORIZED] = True
+        if request.headers.get(DEFERRED_HEADER) == "1" and not _wants_stream(await request.read()):
+            return await _deferred(request, handler)
         return await handler(request)
 
     return handle
+
+
+def _wants_stream(body: bytes) -> bool:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's response, or the error response the middleware would have made of its exception."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return error_response(to_helexa_error(exc))
+
+
+def _result(task: asyncio.Task[web.StreamResponse]) -> web.Response:
+    """The buffered answer of a finished handler task (the agent ending it at shutdown: a 503)."""
+    try:
+        answer = task.result()
+    except asyncio.CancelledError:
+        answer = error_response(
+            errors.ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
+        )
+    if not isinstance(answer, web.Response) or answer.prepared:
+        log.error("a non-streamed forwarded request was answered with a stream")
+        answer = error_response(errors.InternalError())
+    return answer
+
+
+async def _deferred(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve a non-streamed forwarded request with keep-alive spaces until its answer is ready (see the
+    module docstring); a client (the entry agent) that goes away cancels the work."""
+    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, FORWARD_KEEPALIVE_INTERVAL_S)
+    task = asyncio.create_task(_answer(request, handler), name="deferred answer")
+    try:
+        await asyncio.wait({task}, timeout=interval_s)
+        if task.done():
+            return _result(task)
+        out = web.StreamResponse(
+            status=200, headers={DEFERRED_HEADER: "1", "Content-Type": "application/json"}
+        )
+        await out.prepare(request)
+        while not task.done():
+            await out.write(b" ")
+            await asyncio.wait({task}, timeout=interval_s)
+        answer = _result(task)
+        headers = {
+            k: answer.headers[k] for k in ("Content-Type", "Retry-After", "Allow") if k in answer.headers
+        }
+        body = answer.body if isinstance(answer.body, bytes) else b""
+        await out.write(orjson.dumps({"status": answer.status, "headers": headers}) + b"\n" + body)
+        await out.write_eof()
+        return out
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def hello(request: web.Request) -> web.StreamResponse:
+    """Nothing but a reply the middleware signs: the peer asking proves this agent holds the key."""
+    agent = request.app[AGENT]
+    return web.json_response({"node": agent.identity.node_id})
 
 
 async def _model_of(request: web.Request) -> str:
@@ -95,3 +173,4 @@ def add_peer_routes(app: web.Application, gossip: Responder) -> None:
     app.router.add_post(FORWARD_PREFIX + "/v1/completions", _forwarded(completions))
     app.router.add_post(LOAD_PATH, load)
     app.router.add_post(UNLOAD_PATH, unload)
+    app.router.add_post(HELLO_PATH, hello)

@@ -143,3 +143,17 @@ def test_secrets_are_masked_in_describe(tmp_path: Path) -> None:
     text = repr(cfg.describe())
     assert "s3cret" not in text
     assert "'k'" not in text
+
+
+def test_model_roots_from_file_env_and_flags(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "HELEXA_STATE_DIR": str(tmp_path / "state")}
+    cfg = load_config([], env)
+    assert cfg.model_roots == () and cfg.local_model_roots == (tmp_path / "state" / "models",)
+    conf = _write(tmp_path / "helexa.toml", 'model_roots = ["weights", "/srv/models"]\n')
+    cfg = load_config(["--config", str(conf)], env)
+    assert cfg.model_roots == (tmp_path / "weights", Path("/srv/models"))  # relative to the file
+    assert cfg.local_model_roots == (tmp_path / "state" / "models", tmp_path / "weights", Path("/srv/models"))
+    cfg = load_config(["--config", str(conf)], {**env, "HELEXA_MODEL_ROOTS": "/a,/b"})
+    assert cfg.model_roots == (Path("/a"), Path("/b"))
+    cfg = load_config(["--config", str(conf), "--model-root", "/c", "--model-root", "/d"], env)
+    assert cfg.model_roots == (Path("/c"), Path("/d"))

@@ -180,6 +180,45 @@ def test_relative_local_source_resolves_against_the_catalogue_folder(tmp_path: P
     assert only_problem({"id": "m", "source": "./weights"}).field == "source"
 
 
+def test_sources_from_the_network_are_confined_to_the_model_roots(tmp_path: Path) -> None:
+    """A peer's (or the API's) local source must be inside a model root, symbolic links resolved; the
+    refusal says the same whether or not the path exists. Repo ids, `builtin:` and the fake engine are not
+    paths. Without roots (the operator's own file) nothing is confined."""
+    root = tmp_path / "models"
+    (root / "real").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+
+    def confined(source: str, engine: str = "transformers") -> tuple[str | None, list[str]]:
+        entry, problems = parse_entry(
+            {"id": "m", "engine": engine, "source": source}, file="peer", index=1, base_dir=None, roots=[root]
+        )
+        return (entry.source if entry else None), [p.message for p in problems if p.severity == "error"]
+
+    assert confined(str(root / "real")) == (str(root / "real"), [])
+    assert confined(str(root / "not-yet")) == (str(root / "not-yet"), [])  # loading says if it is there
+    refusals = [
+        confined(source)
+        for source in (
+            str(outside),
+            str(tmp_path / "nowhere"),
+            "/etc",
+            str(root / "link"),
+            str(root / ".." / "x"),
+        )
+    ]
+    assert all(entry is None for entry, _ in refusals)
+    assert len({tuple(messages) for _, messages in refusals}) == 1  # one message, existing or not
+    assert "model roots" in refusals[0][1][0] and str(outside) not in refusals[0][1][0]
+    assert confined("org/name") == ("org/name", [])
+    assert confined("HF://org/name") == ("HF://org/name", [])
+    assert confined("builtin:demo")[1] == []
+    assert confined("/anywhere", engine="fake") == ("/anywhere", [])  # the fake engine opens nothing
+    entry, problems = parse_entry({"id": "m", "source": str(outside)}, file="f", index=1, base_dir=None)
+    assert entry is not None and entry.source == str(outside) and not problems
+
+
 def test_builtin_source_resolves_inside_the_installed_package() -> None:
     package_dir = Path(catalogue.__file__).parent
     assert builtin_path("demo") == package_dir / "demo"

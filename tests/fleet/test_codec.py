@@ -81,6 +81,9 @@ def _valid() -> dict[str, object]:
         ("generation", True),  # bool is not a count
         ("generation", -1),
         ("generation", 2**64),
+        ("generation", 2**63 - 1),  # int64, but not a start time: beyond MAX_COUNTER (2^53 - 1)
+        ("version", 2**53),
+        ("heartbeat", 2**53),
         ("version", 1.5),
         ("port", 70000),
         ("id", ""),

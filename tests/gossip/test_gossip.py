@@ -19,7 +19,7 @@ from helexa.engine.base import ModelId
 from helexa.mesh.fleet.codec import encode_ints, node_to_dict
 from helexa.mesh.fleet.merge import content_hash, members, membership_hash
 from helexa.mesh.fleet.records import ModelRecord, NodeId, NodeRecord
-from helexa.mesh.gossip.auth import MeshAuth, peer_auth_middleware
+from helexa.mesh.gossip.auth import MeshAuth, binding, peer_auth_middleware
 from helexa.mesh.gossip.exchange import Gossip
 from helexa.mesh.gossip.transport import GOSSIP_PATH, HttpTransport, InMemoryNetwork, PeerAddr, gossip_handler
 from helexa.mesh.timing import MeshTiming
@@ -246,7 +246,7 @@ async def test_failing_transport_never_ends_the_loop():
 
 
 async def _http_agent(i: int, session: aiohttp.ClientSession, *, key: str | None, seeds=()):
-    auth = MeshAuth(key) if key else None
+    auth = MeshAuth(key) if key else None  # bound to the gossiper's id and generation below
     app = web.Application(middlewares=[peer_auth_middleware(auth)])
     holder: list[Gossip] = []  # the port is known only after start, and routes freeze at start
 
@@ -264,6 +264,8 @@ async def _http_agent(i: int, session: aiohttp.ClientSession, *, key: str | None
         seeds=seeds,
     )
     holder.append(g)
+    if auth is not None:
+        auth.bind(lambda: binding(g.self_id, g.own.generation))
     return server, g
 
 
@@ -290,6 +292,31 @@ async def test_http_fleet_converges_with_mesh_key():
     assert all(len(g.view) == 4 for g in gs)
     assert all(g.liveness(h.self_id) == "alive" for g in gs for h in gs if g is not h)
     assert all(g.stats.bytes_sent > 0 and g.stats.bytes_received > 0 for g in gs)
+
+
+async def test_http_first_contact_learns_the_binding_and_a_restart_is_relearnt():
+    """Seeds are contacted with no binding (a signed challenge answers with it); a peer's new generation
+    (a restart, here a refutation) is learnt the same way, so a keyed fleet never stops converging."""
+    async with aiohttp.ClientSession() as session:
+        s0, g0 = await _http_agent(0, session, key="k")
+        s1, g1 = await _http_agent(1, session, key="k", seeds=[PeerAddr("127.0.0.1", s0.port or 0)])
+        try:
+            for _ in range(4):
+                await asyncio.gather(g0.round(), g1.round())
+            assert g0.liveness(g1.self_id) == g1.liveness(g0.self_id) == "alive"
+            transport = g1._transport
+            assert isinstance(transport, HttpTransport)
+            addr = PeerAddr("127.0.0.1", s0.port or 0)
+            assert transport.target(addr) == binding(g0.self_id, g0.own.generation)
+            g0._refute("a test")  # a new generation of node 0: g1's binding of it is stale
+            for _ in range(4):
+                await asyncio.gather(g0.round(), g1.round())
+            assert transport.target(addr) == binding(g0.self_id, g0.own.generation)
+            assert g1.view[g0.self_id].generation == g0.own.generation
+            assert g0.stats.exchanges_failed == g1.stats.exchanges_failed == 0
+        finally:
+            await s0.close()
+            await s1.close()
 
 
 async def test_http_open_mesh_converges():

@@ -33,6 +33,7 @@ from helexa.mesh.peering import MeshOptions
 from helexa.mesh.process import RunningAgent, start_agent
 from helexa.mesh.routing.neuron import NeuronTiming
 from helexa.mesh.server.appkeys import KEEPALIVE_INTERVAL_S
+from helexa.mesh.server.connections import ServerLimits
 from helexa.mesh.timing import DEFAULT_TIMING
 
 __all__ = ["FAST", "OPTIONS", "TIMING", "Fleet", "Member", "StaticHardware", "entry"]
@@ -155,10 +156,12 @@ class Fleet:
         args: Sequence[str] = (),
         options: MeshOptions = OPTIONS,
         mdns: bool = False,
+        limits: ServerLimits | None = None,
     ) -> Member:
         """`entries` is the catalogue, kept in memory (no file; None: the agent's default catalogue);
         `catalogue_toml` is written to a fresh models.toml the agent reads and edits; `catalogue` reuses an
-        existing file (a restart). `args` are more `helexa agent` flags (e.g. `--mesh-key`)."""
+        existing file (a restart). `args` are more `helexa agent` flags (e.g. `--mesh-key`); `limits` the
+        HTTP server's bounds (default: production's)."""
         state_dir = state_dir or self.tmp_path / f"state-{name}-{next(self._ids)}"
         if catalogue_toml is not None:
             catalogue = self.tmp_path / f"{name}-models.toml"
@@ -186,6 +189,7 @@ class Fleet:
             neuron_timing=FAST,
             mesh_options=options,
             configure=configure,
+            limits=limits,
         )
         member = Member(running, engine, name, state_dir, catalogue)
         self.members.append(member)

@@ -22,6 +22,9 @@ Wire (what gossip carries: any valid record, fields drawn independently, for the
 - `wire_node_records()`      a valid `NodeRecord` from a small id space (so views collide).
 - `views()`                  records keyed by their own id, as gossip holds them.
 - `json_garbage()`           arbitrary JSON-able values, for robustness tests of the decoders.
+
+Hostile gossip (what a stranger may push; `tests/gossip/test_hostile_gossip.py`)
+- `hostile_numbers()`, `hostile_records()`, `hostile_messages()`: see their section.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from hypothesis import strategies as st
 from helexa.catalogue.entry import ModelEntry
 from helexa.catalogue.validate import DEFAULTS_FIELDS, ENGINES, FIELDS, parse_entry
 from helexa.engine.base import ModelId
+from helexa.mesh.fleet.codec import node_to_dict
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
 
 # Settings for property tests on this shared, busy machine: no per-example deadline (timings are noise
@@ -452,4 +456,62 @@ def json_garbage() -> st.SearchStrategy[object]:
             st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5)
         ),
         max_leaves=20,
+    )
+
+
+# --- hostile gossip (what a stranger on an open mesh may send) ------------------------------------------
+#
+# - `hostile_numbers(now_ms)`     integers a forger picks: the int64 and 2^53 edges, start times far in the
+#                                 future or just inside the allowed skew, negatives, and ordinary ones.
+# - `hostile_records(ids, now_ms)` wire dicts (`node_to_dict` form) of valid records whose generation,
+#                                 version and heartbeat are replaced by hostile numbers (ids from `ids`,
+#                                 so they hit the honest nodes' own ids), sometimes claiming `left`.
+# - `hostile_messages(ids, now_ms)` (kind, payload) pairs for a gossip responder: `push` / `full` with
+#                                 hostile records, `syn` with hostile digests, `csyn` with hostile version
+#                                 and heartbeat vectors (the test fills in the responder's membership hash),
+#                                 or JSON garbage.
+
+_HOUR_MS = 3_600_000
+
+
+def hostile_numbers(now_ms: int) -> st.SearchStrategy[int]:
+    edges = [0, 1, 2**31, 2**53 - 1, 2**53, 2**63 - 1, 2**63, 2**64, -1, -(2**63)]
+    times = [now_ms, now_ms + 1, now_ms + _HOUR_MS - 1, now_ms + _HOUR_MS + 1, now_ms + 10 * 86_400_000]
+    return st.one_of(
+        st.sampled_from(edges + times),
+        st.integers(min_value=0, max_value=10),
+        st.integers(min_value=now_ms - _HOUR_MS, max_value=now_ms + 2 * _HOUR_MS),
+        st.integers(min_value=-(2**65), max_value=2**65),
+    )
+
+
+def hostile_records(ids: st.SearchStrategy[str], now_ms: int) -> st.SearchStrategy[dict[str, object]]:
+    numbers = hostile_numbers(now_ms)
+
+    @st.composite
+    def build(draw: st.DrawFn) -> dict[str, object]:
+        d = node_to_dict(draw(wire_node_records(node_ids=ids)))
+        d["mesh"] = "default"
+        for key in ("generation", "version", "heartbeat"):
+            if draw(st.booleans()):
+                d[key] = draw(numbers)
+        return d
+
+    return build()
+
+
+def hostile_messages(ids: st.SearchStrategy[str], now_ms: int) -> st.SearchStrategy[tuple[str, object]]:
+    numbers = hostile_numbers(now_ms)
+    records = st.lists(hostile_records(ids, now_ms), min_size=1, max_size=3)
+    digests = st.lists(st.tuples(ids, numbers, numbers, numbers).map(list), min_size=1, max_size=4)
+    vectors = st.tuples(
+        st.lists(numbers, min_size=2, max_size=2),  # versions (two honest nodes: two positions)
+        st.lists(numbers, min_size=2, max_size=2),  # heartbeat residuals
+        numbers,  # the reference time t
+    )
+    return st.one_of(
+        st.tuples(st.sampled_from(["push", "full"]), records),
+        st.tuples(st.just("syn"), digests),
+        st.tuples(st.just("csyn"), vectors),
+        st.tuples(st.just("garbage"), json_garbage()),
     )

@@ -242,8 +242,40 @@ def test_a_model_only_a_draining_node_could_serve_is_503_with_retry_after(setup)
     with pytest.raises(errors.ModelUnavailable) as info:
         cortex.route("pinned")
     err = info.value
-    assert err.reason == "draining" and err.retry_after_s is not None and "self" in err.message
+    assert err.reason == "draining" and err.retry_after_s is not None and "shutting down" in err.message
     # Feasible nowhere at all is still the permanent 503, without Retry-After.
     with pytest.raises(errors.ModelUnavailable) as info:
         cortex.route("huge")
     assert info.value.reason == "infeasible" and info.value.retry_after_s is None
+
+
+def test_cannot_run_anywhere_503s_name_no_node(setup) -> None:
+    """Issue 12 item 11: `mesh.errors` promises client messages never carry internal hostnames; the
+    "cannot run anywhere" 503s named every node (and the pinned and draining ones)."""
+    fleet, cortex, _ = setup
+    fleet.peers[NodeId("p1")] = _node("p1", "gpu-box.lan", free_mb=10)
+    fleet.peers[NodeId("p2")] = _node("p2", "laptop-of-ann")
+    cortex.catalogue.replace(
+        [
+            entry("huge", memory_mb=10**6),
+            entry("two-gpus", min_devices=2, min_device_memory_mb=500),
+            entry("pinned", pinned_on=("vault-7",)),
+            entry("here", pinned_on=("self",)),
+        ]
+    )
+    names = ("gpu-box", "laptop-of-ann", "vault-7", "self", "p1", "p2", "m-self")
+    messages = []
+    for model in ("huge", "two-gpus", "pinned"):
+        with pytest.raises(errors.ModelUnavailable) as info:
+            cortex.route(model)
+        assert info.value.reason == "infeasible" and model in info.value.message
+        messages.append(info.value.message)
+    fleet.set_draining()
+    with pytest.raises(errors.ModelUnavailable) as info:
+        cortex.route("here")
+    assert info.value.reason == "draining"
+    messages.append(info.value.message)
+    for message in messages:
+        assert not [n for n in names if n in message], message
+    # Still useful: why, without saying where.
+    assert "MB" in messages[0] and "2 device(s)" in messages[1] and "pinned" in messages[2]

@@ -1,9 +1,11 @@
-"""proxy.forward against tiny aiohttp fake peers: passthrough, streaming, stall, peer death, disconnect."""
+"""proxy.forward against tiny aiohttp fake peers: passthrough, streaming, stall, peer death, disconnect,
+deferred answers, signatures bound to the target (and the challenge of a restarted peer)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import orjson
@@ -11,9 +13,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from helexa.mesh.gossip.auth import MeshAuth, peer_auth_middleware
+from helexa.mesh.gossip.auth import MeshAuth, binding, peer_auth_middleware
 from helexa.mesh.gossip.transport import PeerAddr
-from helexa.mesh.routing.proxy import PeerFailed, PeerRefused, PeerUnreachable, ProxyError, forward
+from helexa.mesh.routing.proxy import (
+    PeerFailed,
+    PeerNoResponse,
+    PeerRefused,
+    PeerUnreachable,
+    ProxyError,
+    forward,
+)
 from tests.helpers.ports import refused_port
 
 
@@ -32,6 +41,9 @@ class FakePeer:
         r.add_post("/v1/slow", self.slow)
         r.add_post("/v1/busy", self.busy)
         r.add_post("/v1/silent", self.silent)
+        r.add_post("/v1/deferred", self.deferred)
+        r.add_post("/v1/deferred-error", self.deferred_error)
+        r.add_post("/v1/deferred-stall", self.deferred_stall)
 
     async def echo(self, request: web.Request) -> web.Response:
         self.seen_headers = dict(request.headers)
@@ -83,6 +95,35 @@ class FakePeer:
 
     async def silent(self, request: web.Request) -> web.Response:
         await asyncio.sleep(60)
+        return web.Response()
+
+    async def _deferred(self, request: web.Request, spaces: int) -> web.StreamResponse:
+        self.seen_headers = dict(request.headers)
+        resp = web.StreamResponse(headers={"X-Helexa-Deferred": "1", "Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(spaces):
+            await resp.write(b" ")
+            await asyncio.sleep(0.02)
+        return resp
+
+    async def deferred(self, request: web.Request) -> web.StreamResponse:
+        resp = await self._deferred(request, 40)  # 0.8 s of keep-alives: longer than the stall timeout
+        await resp.write(b'{"status": 200, "headers": {"Content-Type": "application/json"}}\n{"answer": 42}')
+        await resp.write_eof()
+        return resp
+
+    async def deferred_error(self, request: web.Request) -> web.StreamResponse:
+        resp = await self._deferred(request, 3)
+        meta = orjson.dumps(
+            {"status": 503, "headers": {"Content-Type": "application/json", "Retry-After": "7", "X-No": "1"}}
+        )
+        await resp.write(meta + b'\n{"error": {"code": "no_room"}}')
+        await resp.write_eof()
+        return resp
+
+    async def deferred_stall(self, request: web.Request) -> web.StreamResponse:
+        await self._deferred(request, 3)
+        await asyncio.sleep(60)  # keep-alives stop: frozen mid-answer
         return web.Response()
 
 
@@ -226,12 +267,47 @@ async def test_unreachable_peer_is_a_typed_error():
             await session.close()
 
 
-async def test_peer_silent_before_headers_is_peer_failed(peer):
-    server, session = await _entry(peer.addr, stall_timeout_s=0.2)
+async def test_peer_silent_before_its_response_starts_is_no_response(peer):
+    """A frozen peer (SIGSTOP: the kernel accepts the connection, nobody answers) is given up on after the
+    response-start timeout, however long the stall timeout: safe to retry elsewhere (nothing started)."""
+    server, session = await _entry(peer.addr, start_timeout_s=0.2, stall_timeout_s=900)
     try:
+        started = time.monotonic()
         async with aiohttp.ClientSession() as client, client.post(server.make_url("/v1/silent")) as r:
             assert r.status == 502
-            assert (await r.json())["error"]["type"] == PeerFailed.__name__
+            assert (await r.json())["error"]["type"] == PeerNoResponse.__name__
+        assert time.monotonic() - started < 2
+    finally:
+        await server.close()
+        await session.close()
+
+
+async def test_a_deferred_answer_is_unwrapped_with_its_real_status(peer):
+    server, session = await _entry(peer.addr, deferred=True, stall_timeout_s=0.5)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(server.make_url("/v1/deferred"), data=b"{}") as r:
+                assert r.status == 200 and await r.json() == {"answer": 42}
+            assert peer.seen_headers["X-Helexa-Deferred"] == "1"
+            async with client.post(server.make_url("/v1/deferred-error"), data=b"{}") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "7" and "X-No" not in r.headers
+                assert (await r.json())["error"]["code"] == "no_room"
+            # Keep-alives that stop mid-answer: a stalled peer, found after the stall timeout.
+            started = time.monotonic()
+            async with client.post(server.make_url("/v1/deferred-stall"), data=b"{}") as r:
+                assert r.status == 502 and (await r.json())["error"]["type"] == PeerFailed.__name__
+            assert time.monotonic() - started < 3
+    finally:
+        await server.close()
+        await session.close()
+    server, session = await _entry(peer.addr, deferred=True, refuse_statuses={503})
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(server.make_url("/v1/deferred-error"), data=b"{}") as r,
+        ):
+            err = (await r.json())["error"]
+            assert err["type"] == PeerRefused.__name__ and err["status"] == 503
     finally:
         await server.close()
         await session.close()
@@ -255,15 +331,25 @@ async def test_refuse_statuses_raise_peer_refused(peer):
         await session.close()
 
 
-async def test_forwarded_request_is_signed_with_the_mesh_key():
-    auth = MeshAuth("secret")
+async def test_forwarded_request_is_signed_with_the_mesh_key_for_its_target():
+    generation = [1]
+    auth = MeshAuth("secret", local=lambda: binding("peer-id", generation[0]))
     p = FakePeer()
     app = web.Application(middlewares=[peer_auth_middleware(auth, prefix="/v1/")])
     app.router.add_post("/v1/echo", p.echo)
     peer_server = TestServer(app, host="127.0.0.1")
     await peer_server.start_server()
     target = PeerAddr("127.0.0.1", peer_server.port or 0)
-    for kw, expected in (({"auth": auth}, 200), ({}, 401), ({"auth": MeshAuth("other")}, 401)):
+    sender = MeshAuth("secret")
+    cases: tuple[tuple[dict[str, Any], int], ...] = (
+        ({"auth": sender, "node": binding("peer-id", 1)}, 200),
+        ({"auth": sender, "node": binding("peer-id", 0)}, 200),  # restarted since: challenged, sent again
+        ({"auth": sender, "node": binding("another-id", 1)}, 401),  # another agent: no second try
+        ({"auth": sender}, 401),  # not bound
+        ({}, 401),
+        ({"auth": MeshAuth("other"), "node": binding("peer-id", 1)}, 401),
+    )
+    for kw, expected in cases:
         server, session = await _entry(target, **kw)
         try:
             async with (

@@ -119,7 +119,7 @@ async def test_completions_non_stream(edge: Edge) -> None:
 async def test_completions_prompt_null_is_a_new_document(edge: Edge) -> None:
     """Issue 12 item 11: OpenAI's spec makes `prompt` nullable (`null`: generate as from the start of a
     new document); it was refused with a 400."""
-    reply = await edge.client.completions.create(model=MODEL, prompt=None, max_tokens=2)  # type: ignore[arg-type]
+    reply = await edge.client.completions.create(model=MODEL, prompt=None, max_tokens=2)
     assert reply.choices[0].text == "".join(DEFAULT_TOKENS[:2])
     assert edge.cortex.slots[MODEL].loaded.requests[-1].prompt == ""
 

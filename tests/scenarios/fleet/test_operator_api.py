@@ -118,18 +118,38 @@ async def test_catalogue_add_on_one_agent_is_visible_on_another(fleet: Fleet, tm
     )
     await eventually(lambda: _file_entry(catalogue, "org/added") == (2, ("added",)), what="a's file updated")
 
-    # Removal spreads as a tombstone.
+    # Removal spreads as a tombstone. On an open mesh (anyone can gossip one) a peer's removal leaves a's
+    # file as it was: only a's own API removes entries from it (with a mesh key it is written: below).
     async with fleet.http.delete(f"{b.url}/mesh/catalogue/org%2Fadded") as resp:
         assert resp.status == 200, await resp.text()
     await eventually(
         lambda: all(m.agent.catalogue.resolve("org/added") is None for m in (a, b, c)),
         what="removal everywhere",
     )
-    await eventually(lambda: "org/added" not in catalogue.read_text(), what="a's file without the entry")
+    await a.agent.mesh.catalogue.aclose()  # any file write the removal started is done
+    assert _file_entry(catalogue, "org/added") == (2, ("added",))
     async with fleet.http.delete(f"{b.url}/mesh/catalogue/org%2Fadded") as resp:
         assert resp.status == 404
     status, body = await fleet.post(a, "/mesh/catalogue", {"id": "org/bad", "engine": "nope"})
     assert status == 400 and "refused" in body["error"]["message"]
+
+
+async def test_a_peers_removal_is_written_to_the_file_with_a_mesh_key(fleet: Fleet, tmp_path: Path) -> None:
+    key = ["--mesh-key", "k"]
+    operator = {"Authorization": "Bearer k"}
+    catalogue = tmp_path / "a-models.toml"
+    catalogue.write_text("# operator comment\n")
+    a = await fleet.start("a", entries=None, args=["--catalogue", str(catalogue), *key])
+    b = await fleet.start("b", peers=[a], args=key)
+    await eventually(lambda: a.sees(b) and b.sees(a), what="membership")
+    new = {"id": "org/added", "engine": "fake", "memory_mb": 100, "options": {"tokens": ["x"]}}
+    status, body = await fleet.post(a, "/mesh/catalogue", new, headers=operator)
+    assert status == 200, body
+    await eventually(lambda: b.agent.catalogue.resolve("org/added") is not None, what="the entry on b")
+    async with fleet.http.delete(f"{b.url}/mesh/catalogue/org%2Fadded", headers=operator) as resp:
+        assert resp.status == 200, await resp.text()
+    await eventually(lambda: _file_entry(catalogue, "org/added") is None, what="a's file without the entry")
+    assert "# operator comment" in catalogue.read_text()
 
 
 def _file_entry(path: Path, entry_id: str) -> tuple[int, tuple[str, ...]] | None:
