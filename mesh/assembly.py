@@ -39,6 +39,7 @@ from helexa.mesh.routing.cortex import MeshCortex
 from helexa.mesh.routing.forwarding import Forwarder
 from helexa.mesh.routing.neuron import EngineFactory, HardwareDevices, Neuron, NeuronTiming
 from helexa.mesh.server import appkeys
+from helexa.mesh.server.headers import CorsPolicy, add_response_headers, cors_middleware
 from helexa.mesh.server.middleware import error_middleware
 from helexa.mesh.server.openai_routes import add_openai_routes
 from helexa.mesh.server.operator_routes import add_operator_routes
@@ -230,13 +231,16 @@ def _record_devices(metrics: Metrics, devices: Sequence[DeviceRecord]) -> None:
 
 def make_app(agent: Agent) -> web.Application:
     """The aiohttp application over an assembled agent: routes, middleware, state, background tasks."""
+    cors = CorsPolicy(agent.config.cors_origins)
     app = web.Application(
         middlewares=[
+            cors_middleware(cors),
             peer_auth_middleware(agent.mesh.auth, exempt=agent.mesh.unguarded_paths),
             error_middleware,
         ],
         client_max_size=MAX_BODY_BYTES,
     )
+    add_response_headers(app, cors)
     app[appkeys.AGENT] = agent
     app[appkeys.CORTEX] = agent.cortex
     app[appkeys.METRICS] = agent.metrics

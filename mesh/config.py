@@ -56,6 +56,7 @@ FILE_KEYS = frozenset(
         "labels",
         "max_connections",
         "http_idle_timeout_s",
+        "cors_origins",
     }
 )
 
@@ -94,6 +95,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     max_connections: int = MAX_CONNECTIONS
     http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
+    # Browser origins allowed to call the API (CORS); empty = loopback origins only; "*" = any.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def local_model_roots(self) -> tuple[Path, ...]:
@@ -160,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", dest="api_keys", action="append", metavar="KEY", help="client key (repeatable)"
     )
     p.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, e.g. https://chat.example (repeatable; * = any)",
+    )
+    p.add_argument(
         "--model-root",
         dest="model_roots",
         action="append",
@@ -200,6 +210,7 @@ _ENV: dict[str, str] = {
     "model_roots": "HELEXA_MODEL_ROOTS",
     "max_connections": "HELEXA_MAX_CONNECTIONS",
     "http_idle_timeout_s": "HELEXA_HTTP_IDLE_TIMEOUT_S",
+    "cors_origins": "HELEXA_CORS_ORIGINS",
 }
 
 _FLAG: dict[str, str] = {
@@ -219,6 +230,7 @@ _FLAG: dict[str, str] = {
     "model_roots": "--model-root",
     "max_connections": "--max-connections",
     "http_idle_timeout_s": "--http-idle-timeout",
+    "cors_origins": "--cors-origin",
 }
 
 
@@ -476,6 +488,9 @@ def load_config(
         assert raw is not None
         raise _bad("http_idle_timeout_s", raw, "must be more than 0 seconds")
 
+    raw = pick("cors_origins")
+    cors_origins = tuple(o.rstrip("/") for o in _as_list("cors_origins", raw)) if raw else ()
+
     labels: dict[str, str] = {}
     if "labels" in file_data:
         value = file_data["labels"]
@@ -506,4 +521,5 @@ def load_config(
         labels=labels,
         max_connections=max_connections,
         http_idle_timeout_s=http_idle_timeout_s,
+        cors_origins=cors_origins,
     )

@@ -35,6 +35,7 @@ from helexa.mesh.fleet.records import NodeId, NodeRecord
 from helexa.mesh.metrics import Metrics
 from helexa.mesh.routing.decisions import Location, ModelListing, RemoteDecision
 from helexa.mesh.server import appkeys
+from helexa.mesh.server.headers import CorsPolicy, add_response_headers
 from helexa.mesh.server.middleware import error_middleware
 from helexa.mesh.server.openai_routes import add_openai_routes
 
@@ -237,6 +238,7 @@ def make_app(cortex: TestCortex, metrics: Metrics) -> web.Application:
     app[appkeys.NODE_NAME] = "test-node"
     app[appkeys.KEEPALIVE_INTERVAL_S] = TEST_KEEPALIVE_S
     add_openai_routes(app)
+    add_response_headers(app, CorsPolicy())
     return app
 
 
