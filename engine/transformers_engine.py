@@ -436,7 +436,7 @@ class TransformersModel:
         if request.prompt_ids is not None:
             return self._prepare_ids(runtime, request)
         chars = (
-            len(request.prompt or "")
+            len(request.prompt or "") + len(request.suffix or "")
             if request.messages is None
             else sum(len(m.content) for m in request.messages)
         )
@@ -462,6 +462,8 @@ class TransformersModel:
             except Exception as exc:  # jinja errors: the template rejects this conversation
                 raise RequestError(f"chat template rejected the messages: {exc}", param="messages") from exc
             ids = list(tokenizer.encode(str(text), add_special_tokens=False))
+        elif request.suffix is not None:
+            ids = _fim_ids(self._model_id, tokenizer, request.prompt or "", request.suffix)
         else:
             ids = list(tokenizer.encode(request.prompt or "", add_special_tokens=True))
             if not ids and tokenizer.bos_token_id is not None:
@@ -841,6 +843,35 @@ class TransformersModel:
             seq.job.send(error)
 
 
+# Fill-in-the-middle tokens, in prefix-suffix-middle order, as the code models' tokenizers spell them.
+_FIM_TOKENS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, DeepSeek-style
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+    ("<PRE>", "<SUF>", "<MID>"),  # Code Llama
+)
+
+
+def _fim_ids(model_id: str, tokenizer: Any, prefix: str, suffix: str) -> list[int]:
+    """The prefix-suffix-middle prompt of a fill-in-the-middle request, with the tokenizer's own FIM
+    tokens; a tokenizer without them cannot: a `RequestError` naming `suffix`."""
+    vocab = tokenizer.get_vocab()
+    for names in _FIM_TOKENS:
+        if all(name in vocab for name in names):
+            pre, suf, mid = (int(vocab[name]) for name in names)
+            encode = tokenizer.encode
+            return [
+                pre,
+                *encode(prefix, add_special_tokens=False),
+                suf,
+                *encode(suffix, add_special_tokens=False),
+                mid,
+            ]
+    raise RequestError(
+        f"model {model_id} has no fill-in-the-middle tokens, so 'suffix' cannot be used with it",
+        param="suffix",
+    )
+
+
 def _template_tools(model_id: str, tokenizer: Any, request: GenerationRequest) -> list[dict[str, Any]] | None:
     """The request's tools in the form chat templates take, or None (no tools, or `tool_choice` "none").
     A template that does not render tools cannot take them: a `RequestError` naming `tools`."""
@@ -947,6 +978,9 @@ class TransformersEngine:
         return "transformers"
 
     async def load(self, spec: LoadSpec, progress: ProgressCallback | None = None) -> TransformersModel:
+        if spec.task != "generate":
+            # `engine.registry.create_engine("transformers", "embed")` gives `engine.embeddings`' engine.
+            raise ModelSourceError(f"{spec.model_id} is an embedding model: load it with EmbeddingEngine")
         loop = asyncio.get_running_loop()
 
         def report(p: LoadProgress) -> None:

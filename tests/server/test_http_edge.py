@@ -195,7 +195,8 @@ async def test_bad_chat_bodies_are_400_envelopes(
         (b'{"model": "m", "prompt": "x", "best_of": 3}', "best_of"),
         (b'{"model": "m", "prompt": "x", "logprobs": 21}', "logprobs"),
         (b'{"model": "m", "prompt": ["a", "b"], "n": 65}', "n"),
-        (b'{"model": "m", "prompt": "x", "suffix": "y"}', "suffix"),
+        (b'{"model": "m", "prompt": "x", "suffix": "y", "echo": true}', "suffix"),
+        (b'{"model": "m", "prompt": "x", "suffix": 3}', "suffix"),
     ],
 )
 async def test_bad_completion_bodies_are_400_envelopes(
