@@ -85,6 +85,8 @@ class PrefixCache:
         otherwise at most `len(prompt) - 1` positions are reused, so the caller feeds at least one
         token and gets logits. `(None, 0, None)` when nothing worth reusing is stored.
         """
+        while self._entries and self._tokens > self.max_tokens:  # the budget shrank (or reuse is off)
+            self._drop(next(iter(self._entries)))
         best: tuple[int, int] | None = None
         for k, entry in self._entries.items():
             n = _common(entry.ids, prompt)
