@@ -40,6 +40,9 @@ from typing import Any, Literal, Protocol
 from helexa.catalogue import placement
 from helexa.catalogue.entry import ModelEntry
 from helexa.engine.base import (
+    EmbeddingModel,
+    Embeddings,
+    EmbedInput,
     Engine,
     Final,
     GenerationEvent,
@@ -51,7 +54,7 @@ from helexa.engine.base import (
     ModelId,
     RequestId,
 )
-from helexa.engine.errors import EngineError, EngineFault, LoadError, ModelSourceError
+from helexa.engine.errors import EngineError, EngineFault, LoadError, ModelSourceError, RequestError
 from helexa.mesh import errors
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, ModelStatus
 from helexa.mesh.metrics import Metrics
@@ -377,6 +380,7 @@ class Neuron:
                 context_length=entry.context_length,
                 memory_mb=entry.memory_mb or None,
                 cache_dir=self._cache_dir,
+                task=entry.task,
                 options=dict(entry.options),
             )
 
@@ -548,8 +552,11 @@ class Neuron:
             chosen = placement.devices_fitting_now(entry, node)
             if chosen is not None:
                 return _by_name(node.devices, chosen)
-            reason = placement.infeasible_reason(entry, node)
+            # Without the node's name: this message can reach a client (through a forwarded request), and
+            # client messages carry no internal hostnames (`mesh.errors`).
+            reason = placement.infeasible_reason(entry, replace(node, name="\x00"))
             if reason is not None:
+                reason = reason.replace("node \x00", "this node").replace("\x00", "this node")
                 raise errors.ModelUnavailable(
                     f"The model '{entry.id}' cannot run on this node: {reason}",
                     reason="infeasible",
@@ -840,6 +847,19 @@ class _Guarded:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    @property
+    def dimensions(self) -> int:
+        return self._model.dimensions if isinstance(self._model, EmbeddingModel) else 0
+
+    async def embed(self, inputs: tuple[EmbedInput, ...], *, dimensions: int | None = None) -> Embeddings:
+        if not isinstance(self._model, EmbeddingModel):
+            raise RequestError(f"the model '{self.model_id}' is not an embedding model", param="model")
+        try:
+            return await self._model.embed(inputs, dimensions=dimensions)
+        except EngineFault as e:
+            self._neuron.report_fault(self._slot, e)
+            raise
 
     async def abort(self, request_id: RequestId) -> None:
         await self._model.abort(request_id)
