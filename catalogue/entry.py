@@ -12,6 +12,8 @@ from typing import Literal
 from helexa.engine.base import ModelId
 
 EngineChoice = Literal["auto", "mlc", "transformers", "fake"]
+# What a model does: `generate` text (chat and completions) or `embed` inputs into vectors.
+Task = Literal["generate", "embed"]
 
 # Default idle time before an unused model is unloaded.
 DEFAULT_KEEP_ALIVE_S = 30 * 60.0
@@ -27,6 +29,8 @@ class ModelEntry:
     `source_spec`: the portable spelling of `source` when it differs (`builtin:demo`); gossip carries it so
     each host resolves it against its own installation. None otherwise.
     `version`: grows with every edit; gossip keeps the newer version of an id mesh-wide.
+    `task`: `generate` (a chat or completion model) or `embed` (an encoder or embedding model, served by
+    `/v1/embeddings` only).
     `defaults`: default sampling (`temperature`, `top_p`, `top_k`, `max_tokens`) applied when a request
     leaves a field out.
     """
@@ -34,6 +38,7 @@ class ModelEntry:
     id: ModelId
     source: str
     engine: EngineChoice = "auto"
+    task: Task = "generate"
     revision: str | None = None
     quant: str | None = None
     memory_mb: int = 0

@@ -195,6 +195,8 @@ def entry_to_dict(entry: ModelEntry) -> dict[str, object]:
     }
     if entry.engine == "fake" and not entry.source and entry.source_spec is None:
         del out["source"]
+    if entry.task != "generate":
+        out["task"] = entry.task
     if entry.revision is not None:
         out["revision"] = entry.revision
     if entry.quant is not None:

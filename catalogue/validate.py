@@ -34,12 +34,13 @@ from typing import Final, Literal
 from helexa.engine.base import ModelId
 
 from .durations import parse_keep_alive
-from .entry import DEFAULT_KEEP_ALIVE_S, EngineChoice, ModelEntry
+from .entry import DEFAULT_KEEP_ALIVE_S, EngineChoice, ModelEntry, Task
 
 __all__ = [
     "DEFAULTS_FIELDS",
     "ENGINES",
     "FIELDS",
+    "TASKS",
     "Problem",
     "Severity",
     "builtin_path",
@@ -56,6 +57,7 @@ Severity = Literal["error", "warning"]
 FIELDS: Final = (
     "id",
     "engine",
+    "task",
     "source",
     "revision",
     "quant",
@@ -73,6 +75,7 @@ FIELDS: Final = (
     "options",
 )
 ENGINES: Final[tuple[EngineChoice, ...]] = ("auto", "mlc", "transformers", "fake")
+TASKS: Final[tuple[Task, ...]] = ("generate", "embed")
 # Default sampling keys and their allowed ranges (checked in `_parse_defaults`).
 DEFAULTS_FIELDS: Final = ("temperature", "top_p", "top_k", "max_tokens")
 MAX_NAME_LEN: Final = 256
@@ -355,6 +358,14 @@ class _EntryParser:
             self.error("engine", f"must be one of {', '.join(ENGINES)}, got {show(engine)}")
         else:
             fields["engine"] = engine
+
+        task: object = raw.get("task", "generate")
+        if task not in TASKS:
+            self.error("task", f"must be one of {', '.join(TASKS)}, got {show(task)}")
+        elif task == "embed" and engine == "mlc":
+            self.error("task", "embedding models run on the transformers engine, not mlc")
+        else:
+            fields["task"] = task
 
         if "source" in raw:
             source = raw["source"]

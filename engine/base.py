@@ -26,6 +26,8 @@ RequestId = NewType("RequestId", str)
 FinishReason = Literal["stop", "length"]
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 EngineName = Literal["transformers", "mlc", "fake"]
+# What a loaded model does: generate text, or embed inputs into vectors (`EmbeddingModel`).
+ModelTask = Literal["generate", "embed"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,6 +142,8 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     # A prompt already tokenized (`/v1/completions` accepts token ids); used instead of `prompt`.
     prompt_ids: tuple[int, ...] | None = None
+    # Fill in the middle: generate what goes between `prompt` and `suffix` (models with FIM tokens).
+    suffix: str | None = None
     # Log probabilities of generated tokens: None = not asked; k >= 0 = the chosen token and its k
     # most likely alternatives (OpenAI caps k at 20).
     logprobs: int | None = None
@@ -225,6 +229,8 @@ class LoadSpec:
     # engine that batches keeps its KV cache inside what is left after the weights.
     memory_mb: int | None = None
     cache_dir: Path | None = None
+    # `embed` loads an encoder or embedding model (an `EmbeddingModel`) instead of a causal LM.
+    task: ModelTask = "generate"
     # Engine-specific extras (the fake engine reads its script from here).
     options: dict[str, object] = field(default_factory=dict)
 
@@ -277,6 +283,35 @@ class LoadedModel(Protocol):
     async def abort(self, request_id: RequestId) -> None: ...
 
     async def unload(self) -> None: ...
+
+
+# One input to embed: a text, or text already tokenized (token ids).
+EmbedInput = str | tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Embeddings:
+    """The vectors of `EmbeddingModel.embed`, one per input in input order, and the tokens it read."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+@runtime_checkable
+class EmbeddingModel(LoadedModel, Protocol):
+    """A loaded encoder or embedding model (`LoadSpec.task == "embed"`); its `generate` refuses."""
+
+    @property
+    def dimensions(self) -> int:
+        """The length of the vectors it returns by default."""
+        ...
+
+    async def embed(self, inputs: tuple[EmbedInput, ...], *, dimensions: int | None = None) -> Embeddings:
+        """Embed every input (pooled and normalised as the model's config says). `dimensions` asks for
+        shorter vectors: models trained for it (Matryoshka) truncate and renormalise, others raise a
+        `RequestError` naming `dimensions`; an input longer than the context raises
+        `ContextLengthExceeded` naming `input`. Runs off the event loop."""
+        ...
 
 
 @runtime_checkable

@@ -16,7 +16,9 @@ assert "exactly one load".
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
@@ -24,6 +26,8 @@ from typing import Literal
 
 from .base import (
     Delta,
+    Embeddings,
+    EmbedInput,
     EngineName,
     Final,
     FinishReason,
@@ -38,6 +42,7 @@ from .base import (
     Usage,
 )
 from .errors import (
+    ContextLengthExceeded,
     EngineError,
     EngineFault,
     InsufficientMemory,
@@ -73,6 +78,10 @@ class FakeScript:
     memory_mb: int = 100
     device_memory_mb: Mapping[str, int] | None = None
     context_length: int = 4096
+    # Embedding models (`LoadSpec.task == "embed"`): the vectors' length, and whether shorter
+    # `dimensions` may be asked for (Matryoshka: truncated and renormalised).
+    embedding_dimensions: int = 8
+    matryoshka: bool = False
 
     @classmethod
     def from_options(cls, base: FakeScript, options: Mapping[str, object]) -> FakeScript:
@@ -105,6 +114,7 @@ class FakeModel:
         device_mb = dict(script.device_memory_mb or {spec.devices[0]: script.memory_mb})
         self._memory = MemoryReport(per_device_mb=device_mb)
         self._context_length = spec.context_length or script.context_length
+        self._task = spec.task
         self._aborted: set[RequestId] = set()
         self._lock = asyncio.Lock()  # one sequence at a time, like the transformers engine
         self.fault: str | None = None
@@ -135,6 +145,8 @@ class FakeModel:
 
     def _check(self, request: GenerationRequest) -> tuple[int, tuple[str, ...], str]:
         check_usable(self._model_id, fault=self.fault, unloaded=self.unloaded)
+        if self._task == "embed":
+            raise RequestError(f"the model '{self._model_id}' is an embedding model", param="model")
         param = check_input(request)
         if request.messages is not None:
             if not request.messages:
@@ -157,6 +169,10 @@ class FakeModel:
             else self._script.tokens
         )
         return n_prompt, script_tokens, param
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `request` would take (checked as `generate` checks it)."""
+        return self._check(request)[0]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         n_prompt, script_tokens, _ = self._check(request)
@@ -208,6 +224,41 @@ class FakeModel:
             self._aborted.discard(request.request_id)
             if not finished:
                 self.requests_cancelled += 1
+
+    @property
+    def dimensions(self) -> int:
+        return self._script.embedding_dimensions
+
+    async def embed(self, inputs: tuple[EmbedInput, ...], *, dimensions: int | None = None) -> Embeddings:
+        """Deterministic unit vectors from a hash of each input (a text and its "token ids" differ);
+        tokens: a text's words, or the number of ids. Checks what the real engine checks."""
+        check_usable(self._model_id, fault=self.fault, unloaded=self.unloaded)
+        if self._task != "embed":
+            raise RequestError(f"the model '{self._model_id}' is not an embedding model", param="model")
+        size = self._script.embedding_dimensions
+        if dimensions is not None and dimensions != size:
+            if not self._script.matryoshka:
+                raise RequestError(f"the model '{self._model_id}' has no shorter vectors", param="dimensions")
+            if not 1 <= dimensions <= size:
+                raise RequestError(f"'dimensions' must be between 1 and {size}", param="dimensions")
+        if not inputs:
+            raise RequestError("'input' must not be empty", param="input")
+        self._engine.requests_total += 1
+        vectors: list[tuple[float, ...]] = []
+        tokens = 0
+        for item in inputs:
+            n = count_tokens(item) if isinstance(item, str) else len(item)
+            if n > self._context_length:
+                raise ContextLengthExceeded(
+                    f"an input is {n} tokens, more than the context ({self._context_length})", param="input"
+                )
+            tokens += n
+            digest = hashlib.sha256(repr(item).encode()).digest() * (1 + size // 32)
+            raw = [b / 255.0 - 0.5 for b in digest[:size]][: dimensions or size]
+            norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+            vectors.append(tuple(x / norm for x in raw))
+        await asyncio.sleep(self._script.token_delay_s)
+        return Embeddings(vectors=tuple(vectors), prompt_tokens=tokens)
 
     async def abort(self, request_id: RequestId) -> None:
         self._aborted.add(request_id)

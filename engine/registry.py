@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import get_args
 
-from .base import Engine, EngineName
+from .base import Engine, EngineName, ModelTask
 from .probe import mlc_available
 
 __all__ = ["ENGINE_NAMES", "choose_engine", "create_engine", "is_mlc_source", "mlc_available"]
@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 ENGINE_NAMES: tuple[EngineName, ...] = get_args(EngineName)
 
 
-def create_engine(name: EngineName) -> Engine:
-    """A new engine instance by name; the engine's module is imported only now."""
+def create_engine(name: EngineName, task: ModelTask = "generate") -> Engine:
+    """A new engine instance by name (and task: embedding models have their own transformers engine);
+    the engine's module is imported only now."""
     # Lazy on purpose: an agent imports only the engines its catalogue uses (this module stays cheap).
+    if name == "transformers" and task == "embed":
+        from .embeddings import EmbeddingEngine  # noqa: PLC0415
+
+        return EmbeddingEngine()
     if name == "transformers":
         from .transformers_engine import TransformersEngine  # noqa: PLC0415
 

@@ -18,6 +18,7 @@ Heavy libraries (torch, transformers) are imported inside the builders, never at
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -200,3 +201,90 @@ def build_qwen25_05b_shaped(directory: Path | str, *, seed: int = 0) -> Path:
         initializer_range=0.02,
         seed=seed,
     )
+
+
+def build_tiny_encoder(
+    directory: Path | str,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vocab_size: int = 512,
+    context_length: int = 128,
+    pooling: Literal["mean", "cls", "lasttoken"] = "mean",
+    normalize: bool = True,
+    matryoshka_dimensions: tuple[int, ...] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight BERT-like encoder (`BertModel`), a trained tokenizer that adds [CLS] and [SEP],
+    and a sentence-transformers pooling configuration (`modules.json`, `1_Pooling/config.json`, a
+    `Normalize` module when `normalize`) into `directory`. `matryoshka_dimensions` goes into config.json
+    (the engine then allows shorter `dimensions`). Deterministic for given arguments. Returns the directory.
+    """
+    import torch  # noqa: PLC0415 -- lazy, see train_tokenizer
+    import transformers  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+
+    tf: Any = transformers  # partially annotated; untyped at this boundary
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(
+        _TRAINING_TEXT.splitlines(),
+        trainer=trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=context_length,
+    )
+    tokenizer.save_pretrained(str(path))
+    extra = {"matryoshka_dimensions": list(matryoshka_dimensions)} if matryoshka_dimensions else {}
+    config = tf.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=context_length,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    tf.BertModel(config).save_pretrained(str(path))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    flags = {
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_lasttoken": pooling == "lasttoken",
+    }
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": hidden, **flags}, indent=2)
+    )
+    return path

@@ -425,6 +425,11 @@ class TransformersModel:
 
     # -- request preparation (off the loop, in the default executor) ------------------------------
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `request` would take, rendered and checked as `generate` does it (blocking:
+        call it off the loop)."""
+        return len(self._prepare(request))
+
     def _prepare(self, request: GenerationRequest) -> list[int]:
         """Validate and tokenize; raises `RequestError` (nothing has been emitted yet)."""
         runtime = self._check_usable()

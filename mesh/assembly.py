@@ -44,6 +44,7 @@ from helexa.mesh.server.middleware import error_middleware
 from helexa.mesh.server.openai_routes import add_openai_routes
 from helexa.mesh.server.operator_routes import add_operator_routes
 from helexa.mesh.server.peer_routes import add_peer_routes
+from helexa.mesh.server.responses_routes import add_responses_routes
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,13 @@ def default_engine_factory(engines: Mapping[str, Engine] | None = None) -> Engin
     def engine_for(entry: ModelEntry, devices: tuple[DeviceRecord, ...]) -> Engine:
         has_cuda = any(d.kind == "cuda" for d in devices)
         name = registry.choose_engine(entry.engine, entry.source, has_cuda)
-        if name not in cache:
-            cache[name] = registry.create_engine(name)
-        return cache[name]
+        if entry.task == "embed" and name == "mlc":
+            name = "transformers"  # MLC serves causal LMs only
+        # Embedding models have their own transformers engine; injected engines serve every task.
+        key = f"{name}:embed" if entry.task == "embed" and name == "transformers" else name
+        if key not in cache:
+            cache[key] = registry.create_engine(name, entry.task)
+        return cache[key]
 
     return engine_for
 
@@ -258,6 +263,7 @@ def make_app(agent: Agent) -> web.Application:
     )
     app[appkeys.FORWARDER] = forwarder
     add_openai_routes(app)
+    add_responses_routes(app)
     add_peer_routes(app, mesh.gossip)
     add_operator_routes(app, mesh.bus, keepalive_s=mesh.events_keepalive_s)
     app.cleanup_ctx.append(_background)

@@ -66,6 +66,7 @@ from helexa.engine.testing import build_qwen25_05b_shaped  # noqa: E402
 from tests.helpers.agentproc import (  # noqa: E402
     AgentProc,
     agent_argv,
+    agent_env,
     get_state,
     own_node,
     start_agent,
@@ -119,6 +120,36 @@ def qwen_dir() -> Path:
     return path
 
 
+def qwen_spelled_dir() -> Path:
+    """The same model (weights and configs linked, not copied) with a tokenizer that can spell every row of
+    its 151,936-row head: the cached model's tokenizer was trained on a little text (some 650 tokens), so
+    most ids the head picks decode to no text at all. transformers serve samples from the whole head and
+    streams nothing for such ids (no first content delta to time); helexa samples only ids its tokenizer
+    has. Spelled out here (`<t123>`, vocabulary entries no merge produces, so prompts tokenize as before),
+    both servers pick from the same 151,936 ids, emit the same tokens and stream text for each, as they
+    would with the real Qwen2.5 tokenizer (which covers all but a few padding rows)."""
+    source = qwen_dir()
+    path = source.parent / "qwen2.5-0.5b-shaped-spelled"
+    if (path / "tokenizer.json").is_file():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "tokenizer.json" and not (tmp / item.name).exists():
+            (tmp / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    rows = int((config.get("text_config") or config)["vocab_size"])
+    tok = json.loads((source / "tokenizer.json").read_text())
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    taken = set(vocab.values()) | {int(a["id"]) for a in tok.get("added_tokens", [])}
+    for i in range(rows):
+        if i not in taken:
+            vocab[f"<t{i}>"] = i
+    (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    tmp.rename(path)
+    return path
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelCase:
     key: str  # "demo" | "qwen": which targets apply
@@ -161,6 +192,7 @@ class Reply:
     total_s: float
     tokens: int  # from usage when reported, else the count of content chunks
     from_usage: bool
+    text: str
 
 
 async def one_request(
@@ -177,6 +209,7 @@ async def one_request(
     start = time.perf_counter()
     first: float | None = None
     chunks = 0
+    parts: list[str] = []
     usage_tokens: int | None = None
     async with http.post(f"{url}/v1/chat/completions", json=body) as response:
         if response.status != 200:
@@ -192,8 +225,9 @@ async def one_request(
             if "error" in chunk:
                 raise RuntimeError(f"{url}: stream error: {chunk['error']}")
             for choice in chunk.get("choices") or ():
-                if (choice.get("delta") or {}).get("content"):
+                if content := (choice.get("delta") or {}).get("content"):
                     chunks += 1
+                    parts.append(content)
                     if first is None:
                         first = time.perf_counter()
             if chunk.get("usage"):
@@ -206,6 +240,7 @@ async def one_request(
         total_s=end - start,
         tokens=usage_tokens if usage_tokens is not None else chunks,
         from_usage=usage_tokens is not None,
+        text="".join(parts),
     )
 
 
@@ -326,7 +361,9 @@ async def rss_sampler(servers: Sequence[Server], every_s: float = 0.25) -> Async
 
 
 @contextlib.asynccontextmanager
-async def helexa_server(http: aiohttp.ClientSession, case: ModelCase, work: Path) -> AsyncIterator[Server]:
+async def helexa_server(
+    http: aiohttp.ClientSession, case: ModelCase, work: Path, env: dict[str, str]
+) -> AsyncIterator[Server]:
     catalogue = work / "models.toml"
     catalogue.write_text(
         "[[models]]\n"
@@ -347,7 +384,13 @@ async def helexa_server(http: aiohttp.ClientSession, case: ModelCase, work: Path
         mdns=False,
         extra=("--log-level", "warning"),
     )
-    agent = start_agent(name="bench", url=f"http://127.0.0.1:{port}", state_dir=work / "agent", argv=argv)
+    agent = start_agent(
+        name="bench",
+        url=f"http://127.0.0.1:{port}",
+        state_dir=work / "agent",
+        argv=argv,
+        env=agent_env(work / "agent", env),
+    )
     try:
         await wait_ready(http, [agent], timeout_s=60)
         async with http.post(
@@ -515,7 +558,13 @@ def orders(
 
 
 async def bench_model(
-    http: aiohttp.ClientSession, case: ModelCase, *, rounds: int, levels: Sequence[int], skip_peer: bool
+    http: aiohttp.ClientSession,
+    case: ModelCase,
+    *,
+    rounds: int,
+    levels: Sequence[int],
+    skip_peer: bool,
+    helexa_env: dict[str, str],
 ) -> ModelResult:
     print(
         f"\n{case.label}: {rounds} round(s), streams {list(levels)}, max_tokens {case.max_tokens}, "
@@ -526,7 +575,7 @@ async def bench_model(
         work = Path(tmp)
         async with contextlib.AsyncExitStack() as stack:
             t0 = time.perf_counter()
-            helexa = await stack.enter_async_context(helexa_server(http, case, work))
+            helexa = await stack.enter_async_context(helexa_server(http, case, work, helexa_env))
             print(
                 f"  helexa: loaded in {time.perf_counter() - t0:.1f} s; KV budget {helexa.kv_tokens} tokens"
                 f" ({helexa.kv_tokens * kv_bytes_per_token(case.path) / 2**20:.0f} MB)",
@@ -548,6 +597,16 @@ async def bench_model(
                 warm = dataclasses.replace(case, max_tokens=min(8, case.max_tokens), requests_per_stream=1)
                 await burst(http, s, 1, warm, Level())
                 await burst(http, s, 4, warm, Level())
+            if len(servers) > 1:
+                # Same weights, same prompt, greedy: the same tokens, so both do the same work.
+                texts = [
+                    (await one_request(http, s.url, s.model, PROMPTS[0], case.max_tokens)).text
+                    for s in servers
+                ]
+                same = "the same text" if len(set(texts)) == 1 else "DIFFERENT texts"
+                print(f"  one greedy request of {case.max_tokens} tokens to each: {same}", flush=True)
+                for s, t in zip(servers, texts, strict=True):
+                    print(f"    {s.system}: {t[:100]!r}", flush=True)
             levels_out: dict[tuple[str, int], Level] = {
                 (s.system, n): Level() for s in servers for n in levels
             }
@@ -664,6 +723,7 @@ class Options:
     qwen_max_tokens: int | None = None  # 0.5B: default 32, quick 8
     requests_per_stream: int | None = None  # demo: default 2, quick 1
     qwen_requests_per_stream: int | None = None  # 0.5B: default 1
+    helexa_env: tuple[tuple[str, str], ...] = ()  # extra environment of the agent (HELEXA_DECODE_THREADS=2)
 
 
 def pick(value: int | None, full: int, quick: int, is_quick: bool) -> int:
@@ -694,7 +754,7 @@ async def run_section(opts: Options) -> bool:
     else:
         print(f"demo model not installed ({demo}); skipped")
     if not opts.skip_qwen:
-        path = await asyncio.to_thread(qwen_dir)
+        path = await asyncio.to_thread(qwen_spelled_dir)
         cases.append(
             ModelCase(
                 key="qwen",
@@ -721,7 +781,14 @@ async def run_section(opts: Options) -> bool:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         for case in cases:
             results.append(
-                await bench_model(http, case, rounds=rounds, levels=levels, skip_peer=opts.skip_peer)
+                await bench_model(
+                    http,
+                    case,
+                    rounds=rounds,
+                    levels=levels,
+                    skip_peer=opts.skip_peer,
+                    helexa_env=dict(opts.helexa_env),
+                )
             )
     return report(results, levels)
 
@@ -739,6 +806,13 @@ def main() -> int:
     parser.add_argument("--qwen-max-tokens", type=int, help="per request, 0.5B model (default 32, quick 8)")
     parser.add_argument("--requests-per-stream", type=int, help="demo model (default 2, quick 1)")
     parser.add_argument("--qwen-requests-per-stream", type=int, help="0.5B model (default 1)")
+    parser.add_argument(
+        "--helexa-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the agent, e.g. HELEXA_DECODE_THREADS=2 (repeat)",
+    )
     a = parser.parse_args()
     opts = Options(
         quick=a.quick,
@@ -750,6 +824,7 @@ def main() -> int:
         qwen_max_tokens=a.qwen_max_tokens,
         requests_per_stream=a.requests_per_stream,
         qwen_requests_per_stream=a.qwen_requests_per_stream,
+        helexa_env=tuple((k, v) for k, _, v in (kv.partition("=") for kv in a.helexa_env)),
     )
     return 0 if asyncio.run(run_section(opts)) else 1
 

@@ -826,6 +826,13 @@ class _Guarded:
     def waiting(self) -> int:
         return self._model.waiting
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens of `request` (`/v1/messages/count_tokens`), where the engine can count."""
+        count = getattr(self._model, "count_tokens", None)
+        if count is None:
+            raise RequestError(f"the engine serving '{self.model_id}' cannot count tokens", param="model")
+        return int(count(request))
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         first_at: float | None = None
         started = time.monotonic()

@@ -10,7 +10,7 @@
 - `X-Helexa-Forwarded: 1` is set so the target serves locally and never routes again; with a key the
   request is signed for the target's binding (`mesh.gossip.auth`), and a peer that restarted since its
   record was read (a signed challenge from the same node id) gets it once more, bound to its new run.
-  The client's own `Authorization` (and cookies) never go upstream.
+  The client's own `Authorization` / `x-api-key` (and cookies) never go upstream.
 - `deferred=True` (non-streamed requests) asks the peer for a deferred answer (`mesh.routing.peer_client`:
   keep-alive spaces, then the real status and body), which is buffered and answered with its real
   status: such a hop is never silent, so the stall timeout finds a frozen peer in seconds.
@@ -84,7 +84,9 @@ _HOP_BY_HOP = frozenset(
     )
 )
 # Never forwarded upstream: the client's API key is for the entry agent; peers trust the mesh key.
-_DROP_UPSTREAM = frozenset({"authorization", "cookie", FORWARDED_HEADER.lower(), DEFERRED_HEADER.lower()})
+_DROP_UPSTREAM = frozenset(
+    {"authorization", "x-api-key", "cookie", FORWARDED_HEADER.lower(), DEFERRED_HEADER.lower()}
+)
 
 
 class ProxyError(Exception):

@@ -74,7 +74,7 @@ class ServerLimits:
         max_connections = config.max_connections
         if limit is not None and limit // 2 < max_connections:
             max_connections = max(1, limit // 2)
-            logger.warning(
+            logger.info(
                 "accepting at most %d connections, not %d: half the file-descriptor limit (%d; raise"
                 " LimitNOFILE or ulimit -n for more)",
                 max_connections,
@@ -138,7 +138,6 @@ class GuardedRequestHandler(web.RequestHandler):
         self._stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._guard.open += 1
         size = self._guard.limits.send_buffer_bytes
         sock = transport.get_extra_info("socket")
         if size is not None and sock is not None:
@@ -309,7 +308,11 @@ class ConnectionGuard:
             )
             return _Refusal(self)
         loop = asyncio.get_running_loop()
-        return GuardedRequestHandler(self.server, loop=loop, guard=self, **self._handler_kwargs)
+        handler = GuardedRequestHandler(self.server, loop=loop, guard=self, **self._handler_kwargs)
+        # Counted now, not at connection_made: a burst of accepts creates many protocols before the first
+        # of them is connected. Every transport made ends in connection_lost, which uncounts it.
+        self.open += 1
+        return handler
 
 
 def _refusal_bytes(max_connections: int) -> bytes:

@@ -8,7 +8,9 @@ Streams start lazily: if `acquire()` (or the prefill) takes longer than one keep
 response is started and `: keep-alive` comments flow until the first token, so a fast failure still gets
 its real HTTP status, and a slow load never lets a client's idle timer fire. After the stream started, a
 failure is sent as a final `data: {"error": ...}` event (no `[DONE]`). Closing the engine's generator (on
-every exit path, client disconnect included) aborts the request inside the engine.
+every exit path, client disconnect included) aborts the request inside the engine. A client that stops
+reading is disconnected by the server itself (`mesh.server.connections`, the write stall timeout), which
+ends its request here like any disconnect and releases its model.
 
 Every request ends in one log line and its metrics (`_record`); `end_requests` ends what still runs when
 the agent stops after its drain.
@@ -19,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -59,16 +62,26 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLIENT_CLOSED_STATUS",
     "OPEN_REQUESTS",
+    "Choice",
+    "Merged",
     "OpenRequests",
+    "Outcome",
+    "Serve",
+    "Timing",
     "chat_completions",
     "completions",
     "end_requests",
+    "fit_to_model",
+    "forward",
+    "sampling_for",
+    "stopping",
+    "track",
 ]
 
 # `status` label of a request whose client went away before the answer was complete (as nginx does).
 CLIENT_CLOSED_STATUS: Final = 499
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "responses", "messages", "embeddings"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,7 +111,7 @@ async def end_requests(app: web.Application, *, timeout_s: float = 1.0) -> int:
     return len(tasks)
 
 
-def _stopping(request: web.Request) -> bool:
+def stopping(request: web.Request) -> bool:
     open_requests = request.app.get(OPEN_REQUESTS)
     return open_requests is not None and open_requests.stopping
 
@@ -150,6 +163,7 @@ class _Job:
     n: int = 1
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
     response_format: ResponseFormat | None = None
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "none"
@@ -162,7 +176,7 @@ class _Job:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Choice:
+class Choice:
     """One generation of a request: `n` per prompt, numbered prompt by prompt as OpenAI numbers them."""
 
     index: int
@@ -172,7 +186,7 @@ class _Choice:
 
 
 @dataclass(kw_only=True, slots=True)
-class _Outcome:
+class Outcome:
     """Filled in while a request is served; becomes the metrics and the one log line."""
 
     kind: Kind
@@ -187,28 +201,35 @@ class _Outcome:
     ttft_s: float | None = None
 
 
+# An inference route's work, given its request and the outcome to fill in (`track`).
+Serve = Callable[[web.Request, Outcome], Awaitable[web.StreamResponse]]
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _handle(request, "chat")
+    return await track(request, "chat", functools.partial(_serve, kind="chat"))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _handle(request, "completion")
+    return await track(request, "completion", functools.partial(_serve, kind="completion"))
 
 
-async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
-    outcome = _Outcome(kind=kind, started=time.perf_counter())
+async def track(request: web.Request, kind: Kind, serve: Serve) -> web.StreamResponse:
+    """Serve an inference request with `serve(request, outcome)`: tracked in `OPEN_REQUESTS`, errors
+    made `HelexaError`s, and ended by its log line and metrics (`_record`). Shared by every inference
+    route (`mesh.server.responses_routes` too)."""
+    outcome = Outcome(kind=kind, started=time.perf_counter())
     open_requests = request.app.get(OPEN_REQUESTS)
     task = asyncio.current_task()
     if open_requests is not None and task is not None:
         open_requests.tasks.add(task)
     try:
-        response = await _serve(request, kind, outcome)
+        response = await serve(request, outcome)
         if outcome.status == 200:
             outcome.status = response.status
         return response
     except asyncio.CancelledError:
         # The client went away, or the agent ended the request at shutdown (`end_requests`).
-        outcome.status = 503 if _stopping(request) else CLIENT_CLOSED_STATUS
+        outcome.status = 503 if stopping(request) else CLIENT_CLOSED_STATUS
         raise
     except Exception as exc:
         err = to_helexa_error(exc)
@@ -222,7 +243,7 @@ async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
         _record(request, outcome)
 
 
-def _record(request: web.Request, outcome: _Outcome) -> None:
+def _record(request: web.Request, outcome: Outcome) -> None:
     duration_s = time.perf_counter() - outcome.started
     request.app[METRICS].observe_request(
         model=outcome.model,
@@ -288,10 +309,11 @@ def _parse(kind: Kind, body: bytes) -> _Job:
         n=completion.n,
         logprobs=completion.logprobs,
         echo=completion.echo,
+        suffix=completion.suffix,
     )
 
 
-def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choice]:
+def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[Choice]:
     """The generations `job` asks for. With `n > 1` and a seed, choice j uses seed + j (the same seed
     for all would give n identical samples)."""
 
@@ -305,7 +327,7 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
 
     if job.messages is not None:
         return [
-            _Choice(
+            Choice(
                 index=j,
                 generation=GenerationRequest(
                     request_id=rid(j),
@@ -321,7 +343,7 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
             )
             for j in range(job.n)
         ]
-    out: list[_Choice] = []
+    out: list[Choice] = []
     for p, prompt in enumerate(job.prompts):
         text = prompt if isinstance(prompt, str) else None
         for j in range(job.n):
@@ -334,9 +356,10 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
                 logprobs=job.logprobs,
                 # Echo needs the prompt's own logprobs, and the text of a token-id prompt.
                 prompt_logprobs=job.echo and (job.logprobs is not None or text is None),
+                suffix=job.suffix,
             )
             out.append(
-                _Choice(
+                Choice(
                     index=index,
                     generation=generation,
                     echo=text if job.echo else None,
@@ -346,16 +369,18 @@ def _choices(job: _Job, request_id: str, sampling: SamplingParams) -> list[_Choi
     return out
 
 
-def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: int | None) -> SamplingParams:
+def sampling_for(
+    overrides: openai_wire.SamplingOverrides, defaults: dict[str, float | int], context_length: int | None
+) -> SamplingParams:
     """Request values over catalogue defaults; `max_tokens` checked against the context length.
 
     A client asking for more tokens than the context holds gets a 400 naming its field; a catalogue
     default larger than the context becomes "until the context is full" (None), which is what it meant.
     """
-    params = openai_wire.resolve_sampling(job.sampling, defaults)
+    params = openai_wire.resolve_sampling(overrides, defaults)
     if context_length and params.max_tokens is not None and params.max_tokens > context_length:
-        if job.sampling.max_tokens is not None:
-            name = job.sampling.max_tokens_param
+        if overrides.max_tokens is not None:
+            name = overrides.max_tokens_param
             raise InvalidRequest(
                 f"'{name}' is {params.max_tokens}, more than this model's context length "
                 f"({context_length} tokens).",
@@ -366,13 +391,16 @@ def _sampling_for(job: _Job, defaults: dict[str, float | int], context_length: i
     return params
 
 
-def _fit_to_model(
-    job: _Job, decision: LocalDecision, choices: list[_Choice], context_length: int
-) -> list[_Choice]:
+def fit_to_model(
+    overrides: openai_wire.SamplingOverrides,
+    decision: LocalDecision,
+    choices: list[Choice],
+    context_length: int,
+) -> list[Choice]:
     """Check `max_tokens` again against the loaded model's own context length (known only now)."""
     if context_length <= 0 or context_length == decision.entry.context_length:
         return choices
-    sampling = _sampling_for(job, decision.entry.defaults, context_length)
+    sampling = sampling_for(overrides, decision.entry.defaults, context_length)
     return [
         dataclasses.replace(
             c,
@@ -384,7 +412,7 @@ def _fit_to_model(
     ]
 
 
-async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.StreamResponse:
+async def _serve(request: web.Request, outcome: Outcome, *, kind: Kind) -> web.StreamResponse:
     authorize_client(request)
     body = await request.read()
     job = _parse(kind, body)
@@ -394,14 +422,20 @@ async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.Str
         outcome.source = "peer"
     decision = cortex.route(job.model, forwarded=from_peer)
     outcome.model = decision.entry.id
+    if decision.entry.task == "embed":
+        raise InvalidRequest(
+            f"the model '{decision.entry.id}' is an embedding model: send it to /v1/embeddings",
+            param="model",
+            code="model_not_supported",
+        )
     if isinstance(decision, RemoteDecision):
-        return await _forward(request, decision, body, outcome)
+        return await forward(request, decision, body, outcome)
     outcome.node = request.app.get(NODE_NAME)
     cold = getattr(decision, "cold", None)
     if not isinstance(cold, bool):
         listing = cortex.get_model(decision.entry.id)
         cold = listing is None or not listing.loaded
-    sampling = _sampling_for(job, decision.entry.defaults, decision.entry.context_length)
+    sampling = sampling_for(job.sampling, decision.entry.defaults, decision.entry.context_length)
     request_id = openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
     choices = _choices(job, request_id, sampling)
     if job.stream:
@@ -425,8 +459,8 @@ async def _serve(request: web.Request, kind: Kind, outcome: _Outcome) -> web.Str
     )
 
 
-async def _forward(
-    request: web.Request, decision: RemoteDecision, body: bytes, outcome: _Outcome
+async def forward(
+    request: web.Request, decision: RemoteDecision, body: bytes, outcome: Outcome
 ) -> web.StreamResponse:
     outcome.route = "forwarded"
     outcome.node = decision.node.name
@@ -439,12 +473,12 @@ async def _forward(
     return await forwarder(request, decision, body)
 
 
-class _Timing:
+class Timing:
     """Time to first token and inter-token latency for one request, straight into the metrics."""
 
     __slots__ = ("cold", "last", "metrics", "model", "outcome")
 
-    def __init__(self, request: web.Request, outcome: _Outcome, cold: bool) -> None:
+    def __init__(self, request: web.Request, outcome: Outcome, cold: bool) -> None:
         self.metrics = request.app[METRICS]
         self.outcome = outcome
         self.model = outcome.model
@@ -468,14 +502,14 @@ class _Timing:
         )
 
 
-class _Merged:
+class Merged:
     """The events of several generations as one stream of `(choice index, event)`, in arrival order.
 
     Each generation is read by its own task; closing the merged stream (on every exit path) cancels the
     readers and closes every generator, which aborts the requests inside the engine.
     """
 
-    def __init__(self, model: LoadedModel, choices: list[_Choice]) -> None:
+    def __init__(self, model: LoadedModel, choices: list[Choice]) -> None:
         self._queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException]] = asyncio.Queue()
         self._streams = [(c.index, model.generate(c.generation)) for c in choices]
         self._tasks = [asyncio.ensure_future(self._read(i, events)) for i, events in self._streams]
@@ -511,7 +545,7 @@ def _tool_call(call: Call) -> ToolCall:
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=call.name, arguments=call.arguments)
 
 
-def _total(finals: dict[int, FinalEvent], choices: list[_Choice]) -> Usage:
+def _total(finals: dict[int, FinalEvent], choices: list[Choice]) -> Usage:
     """Usage over every choice: each prompt's tokens once, every choice's completion tokens."""
     prompt = sum(finals[c.index].usage.prompt_tokens for c in choices if c.first_of_prompt)
     completion = sum(f.usage.completion_tokens for f in finals.values())
@@ -519,7 +553,7 @@ def _total(finals: dict[int, FinalEvent], choices: list[_Choice]) -> Usage:
 
 
 def _choice_logprobs(
-    kind: Kind, choice: _Choice, entries: list[TokenLogprob], final: FinalEvent
+    kind: Kind, choice: Choice, entries: list[TokenLogprob], final: FinalEvent
 ) -> dict[str, object] | None:
     if choice.generation.logprobs is None:
         return None
@@ -531,7 +565,7 @@ def _choice_logprobs(
     return openai_wire.completion_logprobs([*prompt, *entries] if prompt else entries)
 
 
-def _echo_text(choice: _Choice, final: FinalEvent) -> str:
+def _echo_text(choice: Choice, final: FinalEvent) -> str:
     if choice.echo is not None:
         return choice.echo
     if choice.generation.prompt_logprobs and choice.generation.prompt is None:
@@ -545,17 +579,17 @@ async def _collect(
     job: _Job,
     decision: LocalDecision,
     request_id: str,
-    choices: list[_Choice],
+    choices: list[Choice],
     cold: bool,
-    outcome: _Outcome,
+    outcome: Outcome,
 ) -> web.StreamResponse:
-    timing = _Timing(request, outcome, cold)
+    timing = Timing(request, outcome, cold)
     pieces: dict[int, list[str]] = {c.index: [] for c in choices}
     entries: dict[int, list[TokenLogprob]] = {c.index: [] for c in choices}
     finals: dict[int, FinalEvent] = {}
     async with decision.acquire() as model:
-        choices = _fit_to_model(job, decision, choices, model.context_length)
-        merged = _Merged(model, choices)
+        choices = fit_to_model(job.sampling, decision, choices, model.context_length)
+        merged = Merged(model, choices)
         try:
             while (item := await merged.next()) is not None:
                 index, event = item
@@ -606,13 +640,13 @@ async def _stream(
     job: _Job,
     decision: LocalDecision,
     request_id: str,
-    choices: list[_Choice],
+    choices: list[Choice],
     cold: bool,
-    outcome: _Outcome,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=sse.HEADERS)
     interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
-    timing = _Timing(request, outcome, cold)
+    timing = Timing(request, outcome, cold)
     chat = job.kind == "chat"
     model_id, created = decision.entry.id, int(time.time())
     offsets = {c.index: 0 for c in choices}  # completions' logprob text offsets, per choice
@@ -634,6 +668,7 @@ async def _stream(
                     created=created,
                     index=index,
                     tool_call=(calls_sent[index], call),
+                    usage_null=job.include_usage,
                 )
                 calls_sent[index] += 1
                 await _write(response, sse.event(data))
@@ -669,6 +704,7 @@ async def _stream(
                 finish_reason=finish,
                 index=index,
                 logprobs=lp,
+                usage_null=job.include_usage,
             )
         else:
             data = openai_wire.completion_chunk(
@@ -679,6 +715,7 @@ async def _stream(
                 finish_reason=finish,
                 index=index,
                 logprobs=lp,
+                usage_null=job.include_usage,
             )
         return sse.event(data)
 
@@ -695,8 +732,8 @@ async def _stream(
             try:
                 async with sse.keepalive(start, response.write, interval_s):
                     model = await stack.enter_async_context(decision.acquire())
-                    choices = _fit_to_model(job, decision, choices, model.context_length)
-                    merged = _Merged(model, choices)
+                    choices = fit_to_model(job.sampling, decision, choices, model.context_length)
+                    merged = Merged(model, choices)
                     stack.push_async_callback(merged.aclose)
                     first = await merged.next()
             except Exception as exc:
@@ -718,7 +755,12 @@ async def _stream(
                             response,
                             sse.event(
                                 openai_wire.completion_chunk(
-                                    id=request_id, model=model_id, created=created, text=c.echo, index=c.index
+                                    id=request_id,
+                                    model=model_id,
+                                    created=created,
+                                    text=c.echo,
+                                    index=c.index,
+                                    usage_null=job.include_usage,
                                 )
                             ),
                         )
@@ -768,7 +810,7 @@ async def _stream(
             await response.write_eof()
         return response
     except asyncio.CancelledError:
-        if response.prepared and _stopping(request):
+        if response.prepared and stopping(request):
             # Ended by the agent's stop after the drain: tell the client why before the connection closes.
             await _write_quietly(
                 response,

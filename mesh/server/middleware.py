@@ -1,7 +1,8 @@
 """The HTTP edge's middleware: every error in the OpenAI envelope, and the one bearer-key check.
 
 Every error, ours, the engine's, aiohttp's own 404/405/413 and anything unexpected, is turned into the
-OpenAI envelope `{"error": {"message", "type", "param", "code"}}` with its status (and `Retry-After` /
+OpenAI envelope `{"error": {"message", "type", "param", "code"}}` (Anthropic's `{"type": "error", "error":
+{"type", "message"}}` on `/v1/messages...`, by route) with its status (and `Retry-After` /
 `Allow` headers) in exactly one place, `error_middleware`; the agent never answers a bare traceback.
 Foreign exceptions are translated by class, looked up along the MRO (as starlette does). Requests
 aiohttp cannot even parse never reach a middleware: `mesh.server.connections` answers those, in the same
@@ -36,6 +37,7 @@ from helexa.mesh.errors import (
     error_envelope,
     from_engine_error,
 )
+from helexa.mesh.server import anthropic_wire
 from helexa.mesh.server.appkeys import API_KEYS, CLIENT_AUTHORIZED
 
 logger = logging.getLogger(__name__)
@@ -117,10 +119,12 @@ def to_helexa_error(exc: Exception) -> HelexaError:
     return _from_unexpected(exc)  # pragma: no cover - Exception is always in the MRO
 
 
-def error_response(err: HelexaError) -> web.Response:
+def error_response(err: HelexaError, path: str = "") -> web.Response:
+    """The error answer; on the Anthropic routes (`path`) in Anthropic's envelope."""
+    anthropic = anthropic_wire.is_anthropic_path(path)
     return web.Response(
         status=err.status,
-        body=orjson.dumps(error_envelope(err)),
+        body=anthropic_wire.error_body(err, path) if anthropic else orjson.dumps(error_envelope(err)),
         content_type=JSON_CONTENT_TYPE,
         headers=err.headers(),
     )
@@ -134,9 +138,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are responses, not errors
             raise
-        return error_response(to_helexa_error(exc))
+        return error_response(to_helexa_error(exc), request.path)
     except Exception as exc:
-        return error_response(to_helexa_error(exc))
+        return error_response(to_helexa_error(exc), request.path)
 
 
 def body_deadline_middleware(timeout_s: float) -> Middleware:
@@ -159,9 +163,9 @@ def body_deadline_middleware(timeout_s: float) -> Middleware:
                     f"the request body did not arrive within {timeout_s:g} s", code="request_timeout"
                 )
                 err.status, err.type = 408, "invalid_request_error"
-                return _closing(error_response(err))
+                return _closing(error_response(err, request.path))
             except (web.HTTPException, web.RequestPayloadError) as exc:
-                return _closing(error_response(to_helexa_error(exc)))
+                return _closing(error_response(to_helexa_error(exc), request.path))
         return await handler(request)
 
     return body_deadline
@@ -195,11 +199,15 @@ def bearer_check(header: str, keys: Sequence[str]) -> BearerResult:
 
 
 def authorize_client(request: web.Request) -> None:
-    """Check `Authorization: Bearer <key>` against the configured client keys (none configured: open)."""
+    """Check `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) against the configured
+    client keys (none configured: open)."""
     keys = request.app.get(API_KEYS)
     if not keys or request.get(CLIENT_AUTHORIZED, False):
         return
-    result = bearer_check(request.headers.get("Authorization", ""), keys)
+    header = request.headers.get("Authorization", "")
+    if not header and (api_key := request.headers.get("x-api-key")):
+        header = f"Bearer {api_key}"
+    result = bearer_check(header, keys)
     if result == "missing":
         raise Unauthorized()
     if result == "invalid":

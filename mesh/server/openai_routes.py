@@ -15,12 +15,16 @@ from aiohttp import web
 
 from helexa.mesh.errors import ModelNotFound
 from helexa.mesh.metrics import CONTENT_TYPE
-from helexa.mesh.server import openai_wire
+from helexa.mesh.server import anthropic_wire, openai_wire
+from helexa.mesh.server.anthropic_routes import add_anthropic_routes
 from helexa.mesh.server.appkeys import CORTEX, HEALTH, METRICS, NODE_NAME
+from helexa.mesh.server.embeddings_routes import add_embeddings_routes
 from helexa.mesh.server.inference import OPEN_REQUESTS, OpenRequests, chat_completions, completions
 from helexa.mesh.server.middleware import authorize_client, json_body_response
 
 __all__ = ["add_openai_routes"]
+
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
 
 
 def add_openai_routes(app: web.Application) -> None:
@@ -31,13 +35,18 @@ def add_openai_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{id:.+}", get_model)  # ids contain '/': Qwen/Qwen2.5-7B-Instruct
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    add_embeddings_routes(app)  # /v1/embeddings
+    add_anthropic_routes(app)  # /v1/messages, /v1/messages/count_tokens
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     authorize_client(request)
-    return json_body_response(openai_wire.model_list_json(request.app[CORTEX].list_models()))
+    listings = request.app[CORTEX].list_models()
+    if ANTHROPIC_VERSION_HEADER in request.headers:  # an Anthropic client: its shape
+        return json_body_response(anthropic_wire.model_list_json(listings))
+    return json_body_response(openai_wire.model_list_json(listings))
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
@@ -46,6 +55,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     listing = request.app[CORTEX].get_model(model_id)
     if listing is None:
         raise ModelNotFound(model_id)
+    if ANTHROPIC_VERSION_HEADER in request.headers:
+        return json_body_response(anthropic_wire.model_json(listing))
     return json_body_response(openai_wire.model_json(listing))
 
 

@@ -105,6 +105,7 @@ class CompletionRequest:
     n: int = 1
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None  # fill in the middle: the text after the insertion
 
     @property
     def all_prompts(self) -> tuple[PromptInput, ...]:
@@ -740,8 +741,13 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     prompts = _prompts(data)
     echo = bool(_boolean(data, "echo"))
     logprobs = _integer(data, "logprobs", 0, MAX_TOP_LOGPROBS)
-    if data.get("suffix") is not None:
-        raise _unsupported("suffix", "suffix (insertion)")
+    suffix = _optional_str(data, "suffix")
+    if suffix is not None and (echo or any(not isinstance(p, str) for p in prompts)):
+        raise InvalidRequest(
+            "'suffix' (fill in the middle) takes text prompts and no 'echo'.",
+            param="suffix",
+            code="invalid_value",
+        )
     n = _integer(data, "n", 1, MAX_CHOICES) or 1
     best_of = _integer(data, "best_of", 0, 20)
     if best_of is not None and best_of > n:
@@ -765,6 +771,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         n=n,
         logprobs=logprobs,
         echo=echo,
+        suffix=suffix,
     )
 
 
@@ -788,6 +795,10 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+# Identifies the serving backend's configuration, as OpenAI's `system_fingerprint` does.
+SYSTEM_FINGERPRINT: Final = "fp_helexa"
+
+
 def _response(
     object_type: str,
     *,
@@ -796,17 +807,23 @@ def _response(
     created: int,
     choices: list[dict[str, Any]],
     usage: Usage | None = None,
+    usage_null: bool = False,
 ) -> bytes:
-    """The envelope every completion object and chunk shares; `usage` only where the object carries it."""
+    """The envelope every completion object and chunk shares; `usage` only where the object carries it
+    (`usage_null`: a chunk of a stream that will end with a usage chunk says `"usage": null`, as
+    OpenAI's do)."""
     body: dict[str, Any] = {
         "id": id,
         "object": object_type,
         "created": created,
         "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
     }
     if usage is not None:
         body["usage"] = _usage(usage)
+    elif usage_null:
+        body["usage"] = None
     return orjson.dumps(body)
 
 
@@ -915,6 +932,7 @@ def chat_chunk(
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
     tool_call: tuple[int, ToolCall] | None = None,
+    usage_null: bool = False,
 ) -> bytes:
     """One `chat.completion.chunk`: `role=True` in the first chunk, content deltas or a tool call (its
     position among the choice's calls, and the call, arguments whole), then a chunk with `finish_reason`
@@ -927,7 +945,9 @@ def chat_chunk(
     if tool_call is not None:
         delta["tool_calls"] = [{"index": tool_call[0], **tool_call_object(tool_call[1])}]
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _response("chat.completion.chunk", id=id, model=model, created=created, choices=[choice])
+    return _response(
+        "chat.completion.chunk", id=id, model=model, created=created, choices=[choice], usage_null=usage_null
+    )
 
 
 def chat_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
@@ -960,10 +980,13 @@ def completion_chunk(
     finish_reason: WireFinish | None = None,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
+    usage_null: bool = False,
 ) -> bytes:
     """One streamed `text_completion` chunk (the same shape as the full object, minus usage)."""
     choices = [_text_choice(text, finish_reason, index=index, logprobs=logprobs)]
-    return _response("text_completion", id=id, model=model, created=created, choices=choices)
+    return _response(
+        "text_completion", id=id, model=model, created=created, choices=choices, usage_null=usage_null
+    )
 
 
 def completion_usage_chunk(*, id: str, model: str, created: int, usage: Usage) -> bytes:
@@ -1001,3 +1024,18 @@ def model_json(listing: ModelListing) -> bytes:
 
 def model_list_json(listings: Sequence[ModelListing]) -> bytes:
     return orjson.dumps({"object": "list", "data": [model_object(listing) for listing in listings]})
+
+
+# --------------------------------------------------------------------------------------------------
+# The body and field validators other wire modules share (`mesh.server.responses_wire`); each error
+# names its field.
+
+decode_body = _decode
+model_field = _model
+number_field = _number
+integer_field = _integer
+boolean_field = _boolean
+optional_str_field = _optional_str
+invalid_type = _invalid_type
+unsupported = _unsupported
+common_fields = _common  # `metadata` checked, `user` returned

@@ -3,6 +3,9 @@
     POST /mesh/peer/gossip                 a gossip exchange (`mesh.gossip.transport.gossip_handler`)
     POST /mesh/peer/v1/chat/completions    forwarded inference, served here, never routed again
     POST /mesh/peer/v1/completions
+    POST /mesh/peer/v1/messages            (and .../count_tokens: Anthropic's Messages API)
+    POST /mesh/peer/v1/responses
+    POST /mesh/peer/v1/embeddings
     POST /mesh/peer/load    {"model"}      load on this node (operator loads placed here); returns when loaded
     POST /mesh/peer/unload  {"model"}      unload from this node
     POST /mesh/peer/hello   {}             a signed reply: proves this agent holds the key
@@ -39,9 +42,13 @@ from helexa.mesh.routing.peer_client import (
     LOAD_PATH,
     UNLOAD_PATH,
 )
+from helexa.mesh.server.anthropic_routes import COUNT_TOKENS_PATH, count_tokens, messages
+from helexa.mesh.server.anthropic_wire import MESSAGES_PATH
 from helexa.mesh.server.appkeys import AGENT, CLIENT_AUTHORIZED, KEEPALIVE_INTERVAL_S
+from helexa.mesh.server.embeddings_routes import EMBEDDINGS_PATH, create_embeddings
 from helexa.mesh.server.inference import chat_completions, completions
 from helexa.mesh.server.middleware import Handler, error_response, to_helexa_error
+from helexa.mesh.server.responses_routes import RESPONSES_PATH, create_response
 from helexa.mesh.timing import FORWARD_KEEPALIVE_INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -78,20 +85,22 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Exception as exc:
-        return error_response(to_helexa_error(exc))
+        return error_response(to_helexa_error(exc), request.path)
 
 
-def _result(task: asyncio.Task[web.StreamResponse]) -> web.Response:
-    """The buffered answer of a finished handler task (the agent ending it at shutdown: a 503)."""
+def _result(task: asyncio.Task[web.StreamResponse], path: str) -> web.Response:
+    """The buffered answer of a finished handler task (the agent ending it at shutdown: a 503); errors
+    in the envelope of the route (`path`)."""
     try:
         answer = task.result()
     except asyncio.CancelledError:
         answer = error_response(
-            errors.ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
+            errors.ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0),
+            path,
         )
     if not isinstance(answer, web.Response) or answer.prepared:
         log.error("a non-streamed forwarded request was answered with a stream")
-        answer = error_response(errors.InternalError())
+        answer = error_response(errors.InternalError(), path)
     return answer
 
 
@@ -103,7 +112,7 @@ async def _deferred(request: web.Request, handler: Handler) -> web.StreamRespons
     try:
         await asyncio.wait({task}, timeout=interval_s)
         if task.done():
-            return _result(task)
+            return _result(task, request.path)
         out = web.StreamResponse(
             status=200, headers={DEFERRED_HEADER: "1", "Content-Type": "application/json"}
         )
@@ -111,7 +120,7 @@ async def _deferred(request: web.Request, handler: Handler) -> web.StreamRespons
         while not task.done():
             await out.write(b" ")
             await asyncio.wait({task}, timeout=interval_s)
-        answer = _result(task)
+        answer = _result(task, request.path)
         headers = {
             k: answer.headers[k] for k in ("Content-Type", "Retry-After", "Allow") if k in answer.headers
         }
@@ -171,6 +180,10 @@ def add_peer_routes(app: web.Application, gossip: Responder) -> None:
     app.router.add_post(GOSSIP_PATH, gossip_handler(gossip))
     app.router.add_post(FORWARD_PREFIX + "/v1/chat/completions", _forwarded(chat_completions))
     app.router.add_post(FORWARD_PREFIX + "/v1/completions", _forwarded(completions))
+    app.router.add_post(FORWARD_PREFIX + RESPONSES_PATH, _forwarded(create_response))
+    app.router.add_post(FORWARD_PREFIX + EMBEDDINGS_PATH, _forwarded(create_embeddings))
+    app.router.add_post(FORWARD_PREFIX + MESSAGES_PATH, _forwarded(messages))
+    app.router.add_post(FORWARD_PREFIX + COUNT_TOKENS_PATH, _forwarded(count_tokens))
     app.router.add_post(LOAD_PATH, load)
     app.router.add_post(UNLOAD_PATH, unload)
     app.router.add_post(HELLO_PATH, hello)

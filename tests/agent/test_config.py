@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helexa.mesh.config import DEFAULT_PORT, ConfigError, load_config
+from helexa.mesh.timing import HTTP_IDLE_TIMEOUT_S, MAX_CONNECTIONS
 
 
 def _write(path: Path, text: str) -> Path:
@@ -157,3 +158,19 @@ def test_model_roots_from_file_env_and_flags(tmp_path: Path) -> None:
     assert cfg.model_roots == (Path("/a"), Path("/b"))
     cfg = load_config(["--config", str(conf), "--model-root", "/c", "--model-root", "/d"], env)
     assert cfg.model_roots == (Path("/c"), Path("/d"))
+
+
+def test_connection_limit_and_idle_timeout_from_file_env_and_flags(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path)}
+    cfg = load_config([], env)
+    assert (cfg.max_connections, cfg.http_idle_timeout_s) == (MAX_CONNECTIONS, HTTP_IDLE_TIMEOUT_S)
+    conf = _write(tmp_path / "helexa.toml", "max_connections = 100\nhttp_idle_timeout_s = 75\n")
+    cfg = load_config(["--config", str(conf)], env)
+    assert (cfg.max_connections, cfg.http_idle_timeout_s) == (100, 75.0)
+    cfg = load_config(["--config", str(conf)], {**env, "HELEXA_MAX_CONNECTIONS": "50"})
+    assert cfg.max_connections == 50
+    cfg = load_config(["--max-connections", "10", "--http-idle-timeout", "2.5"], env)
+    assert (cfg.max_connections, cfg.http_idle_timeout_s) == (10, 2.5)
+    for argv in (["--max-connections", "0"], ["--max-connections", "many"], ["--http-idle-timeout", "0"]):
+        with pytest.raises(ConfigError, match=r"bad (max_connections|http_idle_timeout_s)"):
+            load_config(argv, env)

@@ -127,3 +127,10 @@ async def test_a_model_without_a_tools_template_refuses_them(tmp_path: Path) -> 
         assert final.usage.completion_tokens > 0
     finally:
         await demo.unload()
+
+
+async def test_count_tokens_is_the_prompt_generate_reads(tools_model: TransformersModel) -> None:
+    request = _ask("auto", 2)
+    counted = await asyncio.to_thread(tools_model.count_tokens, request)
+    _, final = await collect(tools_model, request)
+    assert counted == final.usage.prompt_tokens == len(tools_model._prepare(request))

