@@ -457,7 +457,7 @@ def response_object(
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `response` object; `status` incomplete means the output reached `max_output_tokens`."""
-    return {
+    body: dict[str, Any] = {
         "id": id,
         "object": "response",
         "created_at": created_at,
@@ -480,8 +480,10 @@ def response_object(
         "top_p": request.sampling.top_p,
         "truncation": "disabled",
         "usage": None if usage is None else _usage(usage),
-        "user": request.user,
     }
+    if request.user is not None:  # a string or absent (the published schema does not allow null)
+        body["user"] = request.user
+    return body
 
 
 class ResponseStream:

@@ -32,21 +32,30 @@ schemathesis = pytest.importorskip("schemathesis")
 pytestmark = pytest.mark.slow
 
 MODEL = "fake/chat"
+EMBED_MODEL = "fake/embed"
 CATALOGUE = f"""\
 [[models]]
 id = "{MODEL}"
 engine = "fake"
 memory_mb = 100
 options = {{ memory_mb = 100 }}
+
+[[models]]
+id = "{EMBED_MODEL}"
+engine = "fake"
+task = "embed"
+memory_mb = 100
+options = {{ memory_mb = 100 }}
 """
-# The OpenAI routes fuzzed (paths as the spec writes them, under its `/v1` server URL). A route the agent
-# comes to serve (`/embeddings`, `/responses`) belongs here once its answers follow the spec's schemas;
-# until then the test below holds it to the error envelope only.
+# The OpenAI routes fuzzed (paths as the spec writes them, under its `/v1` server URL); every other route
+# of the spec is held to the error envelope by the test below.
 SERVED = {
     ("/chat/completions", "post"),
     ("/completions", "post"),
     ("/models", "get"),
     ("/models/{model}", "get"),
+    ("/responses", "post"),
+    ("/embeddings", "post"),
 }
 FUZZ_EXAMPLES = 100
 CHECKS = ("not_a_server_error", "response_schema_conformance", "content_type_conformance")
@@ -116,7 +125,13 @@ def _assert_envelope(status: int, text: str) -> None:
 def _fill(case: Any) -> None:
     """A real model id wherever the spec asks for one; a non-streamed answer (its schema is checked)."""
     if isinstance(case.body, dict):
-        case.body["model"] = MODEL
+        case.body["model"] = EMBED_MODEL if case.operation.path == "/embeddings" else MODEL
+        if case.operation.path == "/responses":
+            case.body.setdefault("input", "hi")  # optional in the spec (prompt templates), required here
+        if case.operation.path == "/embeddings" and case.body.get("encoding_format") == "base64":
+            # The spec types every embedding as an array, base64 answers too (OpenAI sends a string, as
+            # the agent does; tests/agent/test_embeddings_api.py checks those with the SDK).
+            case.body["encoding_format"] = "float"
         if case.body.get("stream") is True and case.operation.path == "/completions":
             case.body["stream"] = False  # the spec documents no event-stream answer for completions
     if case.path_parameters is not None and "model" in case.path_parameters:
@@ -134,6 +149,16 @@ def _check_stream(text: str, schemas: dict[str, Any]) -> None:
     assert events and events[-1] == "[DONE]", text[-300:]
     for event in events[:-1]:
         assert validate(json.loads(event), STREAM_CHUNK, schemas) == [], event
+
+
+def _check_response_events(text: str) -> None:
+    """A streamed `/responses` answer: typed events numbered from 0, ending in completed or incomplete
+    (the extracted schema subset does not hold the event schemas; tests/server/test_responses.py checks
+    their shapes with the SDK)."""
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["sequence_number"] for e in events] == list(range(len(events))), text[:300]
+    assert events[0]["type"] == "response.created", text[:300]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete"), text[-300:]
 
 
 @pytest.mark.parametrize("label", sorted(f"{m.upper()} {p}" for p, m in SERVED))
@@ -158,7 +183,10 @@ def test_served_routes_answer_every_request_the_spec_allows(
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         content_type = (response.headers.get("content-type") or [""])[0]
         if response.status_code == 200 and content_type.startswith("text/event-stream"):
-            _check_stream(response.text, stream_schemas)
+            if case.operation.path == "/responses":
+                _check_response_events(response.text)
+            else:
+                _check_stream(response.text, stream_schemas)
             return
         case.validate_response(response, checks=_checks())
         if response.status_code != 200:
