@@ -33,21 +33,22 @@ from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
 from helexa.mesh.routing.peer_client import FORWARDED_HEADER
 from helexa.mesh.server import anthropic_wire
-from helexa.mesh.server.appkeys import CORTEX, KEEPALIVE_INTERVAL_S, NODE_NAME
+from helexa.mesh.server.appkeys import CORTEX, NODE_NAME
 from helexa.mesh.server.inference import (
     CLIENT_CLOSED_STATUS,
     Choice,
     Merged,
     Outcome,
+    StartedFailure,
     Timing,
     fit_to_model,
     forward,
+    open_stream,
     sampling_for,
     stopping,
     track,
 )
 from helexa.mesh.server.middleware import authorize_client, json_body_response, to_helexa_error
-from helexa.mesh.timing import SSE_KEEPALIVE_INTERVAL_S
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ async def _collect(
                         new, stopped = reply.feed(event.text)
                         pieces += new
                         if stopped:
-                            await model.abort(choices[0].generation.request_id)
+                            await merged.model.abort(merged.choices[0].generation.request_id)
                 else:
                     final = event
         finally:
@@ -346,7 +347,6 @@ async def _stream_body(
     timing: Timing,
 ) -> web.StreamResponse:
     outcome = timing.outcome
-    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
     blocks = _Blocks(response, reply)
 
     async def start() -> None:
@@ -363,19 +363,15 @@ async def _stream_body(
 
     async with contextlib.AsyncExitStack() as stack:
         # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), keep-alives.
+        def fit(model: LoadedModel) -> list[Choice]:
+            context = model.context_length
+            sampling = anthropic_wire.capped(reply.parsed.sampling, context)
+            return fit_to_model(sampling, decision, [choice], context)
+
         try:
-            async with sse.keepalive(start, response.write, interval_s):
-                model: LoadedModel = await stack.enter_async_context(decision.acquire())
-                context = model.context_length
-                sampling = anthropic_wire.capped(reply.parsed.sampling, context)
-                choices = fit_to_model(sampling, decision, [choice], context)
-                merged = Merged(model, choices)
-                stack.push_async_callback(merged.aclose)
-                item = await merged.next()
-        except Exception as exc:
-            if not response.prepared:
-                raise  # nothing sent yet: the middleware answers with the real status
-            return await fail(exc)
+            merged, item = await open_stream(request, response, stack, decision, fit)
+        except StartedFailure as failed:
+            return await fail(failed.cause)
 
         # Phase 2: stream.
         try:
@@ -394,7 +390,7 @@ async def _stream_body(
                         pieces, stopped = reply.feed(event.text)
                         await blocks.pieces(pieces)
                         if stopped:
-                            await model.abort(choices[0].generation.request_id)
+                            await merged.model.abort(merged.choices[0].generation.request_id)
                 else:
                     final = event
                 item = await merged.next()

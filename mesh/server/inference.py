@@ -502,6 +502,46 @@ class Timing:
         )
 
 
+class StartedFailure(Exception):
+    """Opening a stream failed after keep-alives were sent: the answer is a final error event, since the
+    HTTP status is already 200 (`cause` is what failed)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def open_stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    stack: contextlib.AsyncExitStack,
+    decision: LocalDecision,
+    fit: Callable[[LoadedModel], list[Choice]],
+) -> tuple[Merged, tuple[int, GenerationEvent] | None]:
+    """Phase one of every streamed answer: acquire the model (maybe a cold load), start the generations
+    `fit(model)` gives and wait for the first event (the prefill), sending SSE keep-alives meanwhile.
+
+    The response is started only if that takes longer than one keep-alive interval, so a fast failure
+    still gets its real HTTP status (raised as it is); a failure after the start raises `StartedFailure`.
+    The model's reservation and the generations are closed with `stack`."""
+
+    async def start() -> None:
+        if not response.prepared:
+            await response.prepare(request)
+
+    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
+    try:
+        async with sse.keepalive(start, response.write, interval_s):
+            model = await stack.enter_async_context(decision.acquire())
+            merged = Merged(model, fit(model))
+            stack.push_async_callback(merged.aclose)
+            return merged, await merged.next()
+    except Exception as exc:
+        if not response.prepared:
+            raise  # nothing sent yet: the middleware answers with the real status
+        raise StartedFailure(exc) from exc
+
+
 class Merged:
     """The events of several generations as one stream of `(choice index, event)`, in arrival order.
 
@@ -510,6 +550,8 @@ class Merged:
     """
 
     def __init__(self, model: LoadedModel, choices: list[Choice]) -> None:
+        self.model = model
+        self.choices = choices
         self._queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException]] = asyncio.Queue()
         self._streams = [(c.index, model.generate(c.generation)) for c in choices]
         self._tasks = [asyncio.ensure_future(self._read(i, events)) for i, events in self._streams]
@@ -645,7 +687,6 @@ async def _stream(
     outcome: Outcome,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=sse.HEADERS)
-    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
     timing = Timing(request, outcome, cold)
     chat = job.kind == "chat"
     model_id, created = decision.entry.id, int(time.time())
@@ -730,16 +771,16 @@ async def _stream(
         async with contextlib.AsyncExitStack() as stack:
             # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), keep-alives.
             try:
-                async with sse.keepalive(start, response.write, interval_s):
-                    model = await stack.enter_async_context(decision.acquire())
-                    choices = fit_to_model(job.sampling, decision, choices, model.context_length)
-                    merged = Merged(model, choices)
-                    stack.push_async_callback(merged.aclose)
-                    first = await merged.next()
-            except Exception as exc:
-                if not response.prepared:
-                    raise  # nothing sent yet: the middleware answers with the real status
-                return await fail(exc)
+                merged, first = await open_stream(
+                    request,
+                    response,
+                    stack,
+                    decision,
+                    lambda model: fit_to_model(job.sampling, decision, choices, model.context_length),
+                )
+            except StartedFailure as failed:
+                return await fail(failed.cause)
+            choices = merged.choices
 
             # Phase 2: stream.
             try:

@@ -30,15 +30,17 @@ from helexa.mesh import sse
 from helexa.mesh.errors import ModelFault, ModelUnavailable
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
 from helexa.mesh.routing.peer_client import FORWARDED_HEADER
-from helexa.mesh.server.appkeys import CORTEX, KEEPALIVE_INTERVAL_S, NODE_NAME
+from helexa.mesh.server.appkeys import CORTEX, NODE_NAME
 from helexa.mesh.server.inference import (
     CLIENT_CLOSED_STATUS,
     Choice,
     Merged,
     Outcome,
+    StartedFailure,
     Timing,
     fit_to_model,
     forward,
+    open_stream,
     sampling_for,
     stopping,
     track,
@@ -54,7 +56,6 @@ from helexa.mesh.server.responses_wire import (
     parse_responses_request,
     response_object,
 )
-from helexa.mesh.timing import SSE_KEEPALIVE_INTERVAL_S
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,6 @@ async def _stream(
     outcome: Outcome,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=sse.HEADERS)
-    interval_s = request.app.get(KEEPALIVE_INTERVAL_S, SSE_KEEPALIVE_INTERVAL_S)
     events = ResponseStream(job, id=response_id, model=decision.entry.id, created_at=int(time.time()))
     parser = ToolCallParser() if job.parses_calls else None
 
@@ -218,16 +218,15 @@ async def _stream(
         async with contextlib.AsyncExitStack() as stack:
             # Phase 1: acquire (maybe a cold load) and wait for the first event (the prefill), keep-alives.
             try:
-                async with sse.keepalive(start, response.write, interval_s):
-                    model = await stack.enter_async_context(decision.acquire())
-                    choices = fit_to_model(job.sampling, decision, [choice], model.context_length)
-                    merged = Merged(model, choices)
-                    stack.push_async_callback(merged.aclose)
-                    item = await merged.next()
-            except Exception as exc:
-                if not response.prepared:
-                    raise  # nothing sent yet: the middleware answers with the real status
-                return await fail(exc)
+                merged, item = await open_stream(
+                    request,
+                    response,
+                    stack,
+                    decision,
+                    lambda model: fit_to_model(job.sampling, decision, [choice], model.context_length),
+                )
+            except StartedFailure as failed:
+                return await fail(failed.cause)
 
             # Phase 2: stream.
             try:
