@@ -31,7 +31,11 @@ from helexa.engine.base import ChatMessage, ToolCall, ToolSpec, Usage
 from helexa.mesh.errors import HelexaError, InvalidRequest
 from helexa.mesh.routing.decisions import ModelListing
 from helexa.mesh.routing.peer_client import FORWARD_PREFIX
-from helexa.mesh.server.openai_wire import SamplingOverrides
+from helexa.mesh.server.openai_wire import SamplingOverrides, unsupported
+from helexa.mesh.server.openai_wire import decode_body as _decode
+from helexa.mesh.server.openai_wire import integer_field as _integer
+from helexa.mesh.server.openai_wire import invalid_type as _invalid
+from helexa.mesh.server.openai_wire import number_field as _number
 
 __all__ = [
     "MESSAGES_PATH",
@@ -142,57 +146,6 @@ def error_event(err: HelexaError) -> bytes:
 # Parsing
 
 
-def _decode(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return data
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _invalid(param: str, expected: str, value: object) -> InvalidRequest:
-    return InvalidRequest(f"{param}: expected {expected}, got {_type_name(value)}", param=param)
-
-
-def _unsupported(param: str, what: str) -> InvalidRequest:
-    return InvalidRequest(f"{param}: {what} is not supported by this server", param=param)
-
-
-def _number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(name, "a number", value)
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name}: must be between {low:g} and {high:g}, got {value!r}", param=name)
-    return float(value)
-
-
-def _integer(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(name, "an integer", value)
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name}: must be between {low} and {high}, got {value}", param=name)
-    return value
-
-
 def _model(data: Mapping[str, Any]) -> str:
     value = data.get("model")
     if value is None:
@@ -216,7 +169,7 @@ def _text_blocks(value: object, param: str) -> str:
         if not isinstance(block, dict):
             raise _invalid(where, "an object", block)
         if block.get("type") != "text":
-            raise _unsupported(f"{where}.type", f"a block of type {str(block.get('type'))[:40]!r} here")
+            raise unsupported(f"{where}.type", f"a block of type {str(block.get('type'))[:40]!r} here")
         text = block.get("text")
         if not isinstance(text, str):
             raise _invalid(f"{where}.text", "a string", text)
@@ -288,7 +241,7 @@ def _turn(item: object, i: int) -> list[ChatMessage]:
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # an earlier turn's reasoning: not part of what the model reads again
         else:
-            raise _unsupported(f"{at}.type", f"a {role} block of type {str(kind)[:40]!r}")
+            raise unsupported(f"{at}.type", f"a {role} block of type {str(kind)[:40]!r}")
     text = "\n".join(texts)
     if role == "assistant":
         return [ChatMessage(role="assistant", content=text, tool_calls=tuple(calls))]
@@ -340,7 +293,7 @@ def _tools(data: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
         if not isinstance(tool, dict):
             raise _invalid(where, "an object", tool)
         if tool.get("type") not in (None, "custom"):
-            raise _unsupported(f"{where}.type", f"the server tool {str(tool.get('type'))[:40]!r}")
+            raise unsupported(f"{where}.type", f"the server tool {str(tool.get('type'))[:40]!r}")
         name = tool.get("name")
         if not isinstance(name, str) or not name or len(name) > 128:
             raise _invalid(f"{where}.name", "a name of 1 to 128 characters", name)
@@ -396,9 +349,9 @@ def _tool_choice(data: Mapping[str, Any], tools: tuple[ToolSpec, ...]) -> tuple[
 def _refuse(data: Mapping[str, Any]) -> None:
     thinking = data.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled"):
-        raise _unsupported("thinking", "extended thinking")
+        raise unsupported("thinking", "extended thinking")
     if data.get("mcp_servers"):
-        raise _unsupported("mcp_servers", "a remote MCP server")
+        raise unsupported("mcp_servers", "a remote MCP server")
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise _invalid("metadata", "an object", metadata)
