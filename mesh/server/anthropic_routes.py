@@ -31,9 +31,7 @@ from helexa.engine.toolcalls import Call, Piece, Text, ToolCallParser
 from helexa.mesh import sse
 from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
-from helexa.mesh.routing.peer_client import FORWARDED_HEADER
 from helexa.mesh.server import anthropic_wire
-from helexa.mesh.server.appkeys import CORTEX, NODE_NAME
 from helexa.mesh.server.inference import (
     CLIENT_CLOSED_STATUS,
     Choice,
@@ -43,7 +41,9 @@ from helexa.mesh.server.inference import (
     Timing,
     fit_to_model,
     forward,
+    is_cold,
     open_stream,
+    route,
     sampling_for,
     stopping,
     track,
@@ -77,25 +77,6 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     return await track(request, "messages", _serve_count)
 
 
-def _route(request: web.Request, model: str, outcome: Outcome) -> LocalDecision | RemoteDecision:
-    from_peer = FORWARDED_HEADER in request.headers
-    if from_peer:
-        outcome.source = "peer"
-    decision = request.app[CORTEX].route(model, forwarded=from_peer)
-    outcome.model = decision.entry.id
-    if not isinstance(decision, RemoteDecision):
-        outcome.node = request.app.get(NODE_NAME)
-    return decision
-
-
-def _is_cold(request: web.Request, decision: LocalDecision) -> bool:
-    cold = getattr(decision, "cold", None)
-    if isinstance(cold, bool):
-        return cold
-    listing = request.app[CORTEX].get_model(decision.entry.id)
-    return listing is None or not listing.loaded
-
-
 def _generation(parsed: anthropic_wire.MessagesRequest, decision: LocalDecision, request_id: str) -> Choice:
     context = decision.entry.context_length
     sampling = sampling_for(anthropic_wire.capped(parsed.sampling, context), decision.entry.defaults, context)
@@ -116,7 +97,7 @@ async def _serve_count(request: web.Request, outcome: Outcome) -> web.StreamResp
     authorize_client(request)
     body = await request.read()
     parsed = anthropic_wire.parse_count_tokens_request(body)
-    decision = _route(request, parsed.model, outcome)
+    decision = route(request, parsed.model, outcome)
     if isinstance(decision, RemoteDecision):
         return await forward(request, decision, body, outcome)
     choice = _generation(parsed, decision, anthropic_wire.new_message_id())
@@ -139,10 +120,10 @@ async def _serve_messages(request: web.Request, outcome: Outcome) -> web.StreamR
     authorize_client(request)
     body = await request.read()
     parsed = anthropic_wire.parse_messages_request(body)
-    decision = _route(request, parsed.model, outcome)
+    decision = route(request, parsed.model, outcome)
     if isinstance(decision, RemoteDecision):
         return await forward(request, decision, body, outcome)
-    cold = _is_cold(request, decision)
+    cold = is_cold(request, decision)
     message_id = anthropic_wire.new_message_id()
     choice = _generation(parsed, decision, message_id)
     reply = _Reply(parsed=parsed, message_id=message_id, model_id=decision.entry.id)

@@ -14,12 +14,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from helexa.engine.base import EmbeddingModel
-from helexa.mesh.errors import InvalidRequest, ModelFault
+from helexa.mesh.errors import ModelFault
 from helexa.mesh.routing.decisions import RemoteDecision
-from helexa.mesh.routing.peer_client import FORWARDED_HEADER
-from helexa.mesh.server.appkeys import CORTEX, METRICS, NODE_NAME
+from helexa.mesh.server.appkeys import METRICS
 from helexa.mesh.server.embeddings_wire import embeddings_response, parse_embeddings_request
-from helexa.mesh.server.inference import Outcome, forward, track
+from helexa.mesh.server.inference import Outcome, forward, route, track
 from helexa.mesh.server.middleware import authorize_client, json_body_response
 
 __all__ = ["EMBEDDINGS_PATH", "add_embeddings_routes", "create_embeddings"]
@@ -40,22 +39,9 @@ async def _serve(request: web.Request, outcome: Outcome) -> web.StreamResponse:
     authorize_client(request)
     body = await request.read()
     job = parse_embeddings_request(body)
-    cortex = request.app[CORTEX]
-    from_peer = FORWARDED_HEADER in request.headers
-    if from_peer:
-        outcome.source = "peer"
-    decision = cortex.route(job.model, forwarded=from_peer)
-    outcome.model = decision.entry.id
-    if decision.entry.task != "embed":
-        raise InvalidRequest(
-            f"the model '{decision.entry.id}' is not an embedding model (its catalogue entry has no "
-            'task = "embed")',
-            param="model",
-            code="model_not_supported",
-        )
+    decision = route(request, job.model, outcome, task="embed")
     if isinstance(decision, RemoteDecision):
         return await forward(request, decision, body, outcome)
-    outcome.node = request.app.get(NODE_NAME)
     async with decision.acquire() as model:
         if not isinstance(model, EmbeddingModel):
             raise ModelFault(f"the model '{decision.entry.id}' was loaded without an embedding path")

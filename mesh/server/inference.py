@@ -31,6 +31,7 @@ from typing import Final, Literal
 
 from aiohttp import web
 
+from helexa.catalogue.entry import Task
 from helexa.engine.base import (
     ChatMessage,
     Delta,
@@ -73,6 +74,9 @@ __all__ = [
     "end_requests",
     "fit_to_model",
     "forward",
+    "is_cold",
+    "open_stream",
+    "route",
     "sampling_for",
     "stopping",
     "track",
@@ -412,29 +416,48 @@ def fit_to_model(
     ]
 
 
+def route(
+    request: web.Request, model: str, outcome: Outcome, *, task: Task = "generate"
+) -> LocalDecision | RemoteDecision:
+    """Where a request for `model` runs (here or on a peer), recorded on `outcome`.
+
+    A model of the other task (an embedding model asked to generate, or the reverse) is refused here, with
+    a 400 naming `model`, before any forwarding or cold load: the engine could not serve it anyway.
+    """
+    from_peer = FORWARDED_HEADER in request.headers
+    if from_peer:
+        outcome.source = "peer"
+    decision = request.app[CORTEX].route(model, forwarded=from_peer)
+    entry = decision.entry
+    outcome.model = entry.id
+    if entry.task != task:
+        if entry.task == "embed":
+            message = f"the model '{entry.id}' is an embedding model: send it to /v1/embeddings"
+        else:
+            message = f"the model '{entry.id}' is not an embedding model (its catalogue task is not embed)"
+        raise InvalidRequest(message, param="model", code="model_not_supported")
+    if not isinstance(decision, RemoteDecision):
+        outcome.node = request.app.get(NODE_NAME)
+    return decision
+
+
+def is_cold(request: web.Request, decision: LocalDecision) -> bool:
+    """Whether serving `decision` waits for a load (timings then say so)."""
+    cold = getattr(decision, "cold", None)
+    if isinstance(cold, bool):
+        return cold
+    listing = request.app[CORTEX].get_model(decision.entry.id)
+    return listing is None or not listing.loaded
+
+
 async def _serve(request: web.Request, outcome: Outcome, *, kind: Kind) -> web.StreamResponse:
     authorize_client(request)
     body = await request.read()
     job = _parse(kind, body)
-    cortex = request.app[CORTEX]
-    from_peer = FORWARDED_HEADER in request.headers
-    if from_peer:
-        outcome.source = "peer"
-    decision = cortex.route(job.model, forwarded=from_peer)
-    outcome.model = decision.entry.id
-    if decision.entry.task == "embed":
-        raise InvalidRequest(
-            f"the model '{decision.entry.id}' is an embedding model: send it to /v1/embeddings",
-            param="model",
-            code="model_not_supported",
-        )
+    decision = route(request, job.model, outcome)
     if isinstance(decision, RemoteDecision):
         return await forward(request, decision, body, outcome)
-    outcome.node = request.app.get(NODE_NAME)
-    cold = getattr(decision, "cold", None)
-    if not isinstance(cold, bool):
-        listing = cortex.get_model(decision.entry.id)
-        cold = listing is None or not listing.loaded
+    cold = is_cold(request, decision)
     sampling = sampling_for(job.sampling, decision.entry.defaults, decision.entry.context_length)
     request_id = openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
     choices = _choices(job, request_id, sampling)

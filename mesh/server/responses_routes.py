@@ -29,8 +29,6 @@ from helexa.engine.toolcalls import Call, Piece, ToolCallParser, parse_all
 from helexa.mesh import sse
 from helexa.mesh.errors import ModelFault, ModelUnavailable
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
-from helexa.mesh.routing.peer_client import FORWARDED_HEADER
-from helexa.mesh.server.appkeys import CORTEX, NODE_NAME
 from helexa.mesh.server.inference import (
     CLIENT_CLOSED_STATUS,
     Choice,
@@ -40,7 +38,9 @@ from helexa.mesh.server.inference import (
     Timing,
     fit_to_model,
     forward,
+    is_cold,
     open_stream,
+    route,
     sampling_for,
     stopping,
     track,
@@ -81,19 +81,10 @@ async def _serve(request: web.Request, outcome: Outcome) -> web.StreamResponse:
     authorize_client(request)
     body = await request.read()
     job = parse_responses_request(body)
-    cortex = request.app[CORTEX]
-    from_peer = FORWARDED_HEADER in request.headers
-    if from_peer:
-        outcome.source = "peer"
-    decision = cortex.route(job.model, forwarded=from_peer)
-    outcome.model = decision.entry.id
+    decision = route(request, job.model, outcome)
     if isinstance(decision, RemoteDecision):
         return await forward(request, decision, body, outcome)
-    outcome.node = request.app.get(NODE_NAME)
-    cold = getattr(decision, "cold", None)
-    if not isinstance(cold, bool):
-        listing = cortex.get_model(decision.entry.id)
-        cold = listing is None or not listing.loaded
+    cold = is_cold(request, decision)
     response_id = new_response_id()
     sampling = sampling_for(job.sampling, decision.entry.defaults, decision.entry.context_length)
     choice = Choice(

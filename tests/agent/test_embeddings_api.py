@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 from pytest_aiohttp import AiohttpServer
@@ -108,5 +109,14 @@ async def test_embeddings_through_the_sdk(
         with pytest.raises(openai.BadRequestError) as embed_model:
             await client.chat.completions.create(model="enc", messages=[{"role": "user", "content": "hi"}])
         assert embed_model.value.param == "model" and "embedding model" in embed_model.value.message
+        with pytest.raises(openai.BadRequestError) as via_responses:
+            await client.responses.create(model="enc", input="hi")
+        assert via_responses.value.param == "model" and "embedding model" in via_responses.value.message
         with pytest.raises(openai.NotFoundError):
             await client.embeddings.create(model="org/missing", input="hi")
+    async with anthropic.AsyncAnthropic(base_url=base, api_key="none") as claude:
+        with pytest.raises(anthropic.BadRequestError) as via_messages:
+            await claude.messages.create(
+                model="enc", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert "embedding model" in via_messages.value.message
