@@ -1,7 +1,8 @@
 """`scripts/bench concurrency`: many streams at once, helexa against `transformers serve` (issue 13).
 
-For each model (the shipped demo model, `builtin:demo`, and a random-weight model shaped like Qwen2.5-0.5B
-that `engine.testing` builds once into a cache folder), two servers run side by side on loopback ports:
+For each model (the shipped demo model, `builtin:demo`, and the random-weight model shaped like Qwen2.5-0.5B
+that `engine.testing` builds once into a cache folder, here with a tokenizer that spells every row of its
+head: see `qwen_spelled_dir`), two servers run side by side on loopback ports:
 
   helexa              a real `helexa agent` process (`--no-mdns`, a catalogue listing the model with
                       `memory_mb` and `context_length`), the model loaded before measuring
@@ -12,16 +13,20 @@ that `engine.testing` builds once into a cache folder), two servers run side by 
 
 The client is this process (aiohttp, one keep-alive pool). At each concurrency level (1, 4, 16 streams)
 each stream sends its requests one after another (`POST /v1/chat/completions`, `stream: true`,
-`stream_options.include_usage`, greedy, the same `max_tokens`, the same prompts in the same order), and
-the two servers take turns: for each round, for each level, helexa then transformers serve or the other way
-round (the order alternates with the round and the level), so machine noise hits both.
+`stream_options.include_usage`, greedy, the same `max_tokens`, the same prompts in the same order; each
+prompt is sent once per server, so no server reuses an earlier identical prompt's KV), and the two servers
+take turns: for each round, for each level, helexa then transformers serve or the other way round (the
+order alternates with the round and the level), so machine noise hits both. Before measuring, each server
+is warmed (1 and 4 streams, 8 tokens) and one greedy request goes to both: the bench prints whether their
+texts match (same weights, greedy: they should, so both do the same work).
 
 Reported per model, system and level: aggregate completion tokens/s (completion tokens of all the level's
 requests over the summed wall time of its bursts), TTFT p50/p95 (request sent to its first non-empty
 content delta), and at 16 streams the CPU seconds the server's process tree spent per 1000 completion
 tokens (psutil, the tree sampled before and after each burst: transformers serve runs its model in a
-spawned child). Completion tokens come from the `usage` chunk both servers send; where one is missing the
-bench counts content chunks instead and says so.
+spawned child), and each server tree's peak RSS (sampled every 0.25 s). Each burst's line also shows the
+CPU the idle other server spent meanwhile (it should be ~0). Completion tokens come from the `usage` chunk
+both servers send; where one is missing the bench counts content chunks instead and says so.
 
 The KV cap: helexa gives a model's batch what its catalogue `memory_mb` leaves after the measured weights
 (`engine.transformers_engine._kv_budget_tokens`: budget MB -> KV positions, floored at one full context).
@@ -33,8 +38,14 @@ model blocks; left out, serve sizes the cache from 90 % of the free RAM).
 Targets (issue 13): helexa@16 >= 3x helexa@1 on the demo model, >= 2.5x on the 0.5B model; helexa@16 >= 1.0x
 transformers serve@16 on both; TTFT p50 @16 <= 1 s on the demo model.
 
-    scripts/bench concurrency [--quick] [--skip-peer] [--skip-qwen] [--rounds N] [--max-tokens N]
-                              [--qwen-max-tokens N] [--requests-per-stream N] [--levels 1,4,16]
+The box is shared and small: run it when it is quiet (the load average is printed at the end). Measured
+here, helexa suffered far more than transformers serve from other processes busy on the same cores (its
+intra-op thread count changes between prefill and decode): `--helexa-env HELEXA_PREFILL_THREADS=1` and
+the like compare thread settings.
+
+    scripts/bench concurrency [--quick] [--skip-peer] [--skip-qwen] [--rounds N] [--levels 1,4,16]
+                              [--max-tokens N] [--qwen-max-tokens N] [--requests-per-stream N]
+                              [--qwen-requests-per-stream N] [--helexa-env NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -319,15 +330,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def prompt_for(tag: str, stream: int, k: int, streams: int) -> str:
+    """The prompt of stream `stream`'s `k`-th request in the burst `tag`: the same for both servers, and
+    never sent twice to one (its tag first), so no server reuses the KV of an earlier identical prompt
+    (helexa keeps recently finished prompts' KV; prefix reuse is a feature of its own, not measured here)."""
+    return f"[{tag}.{stream}.{k}] {PROMPTS[(stream + k * streams) % len(PROMPTS)]}"
+
+
 async def burst(
-    http: aiohttp.ClientSession, server: Server, streams: int, case: ModelCase, level: Level
+    http: aiohttp.ClientSession, server: Server, streams: int, case: ModelCase, level: Level, *, tag: str
 ) -> None:
     """`streams` concurrent streams, each sending `case.requests_per_stream` requests back to back."""
 
     async def stream(i: int) -> list[Reply]:
         out = []
         for k in range(case.requests_per_stream):
-            prompt = PROMPTS[(i + k * streams) % len(PROMPTS)]
+            prompt = prompt_for(tag, i, k, streams)
             out.append(await one_request(http, server.url, server.model, prompt, case.max_tokens))
         return out
 
@@ -550,11 +568,11 @@ class ModelResult:
 
 def orders(
     systems: Sequence[Server], rounds: int, levels: Sequence[int]
-) -> Iterator[tuple[int, list[Server]]]:
-    """(level, servers in the order they run) for every round: the order flips with round and level."""
+) -> Iterator[tuple[int, int, list[Server]]]:
+    """(round, level, servers in the order they run): the order flips with the round and the level."""
     for r in range(rounds):
         for i, level in enumerate(levels):
-            yield level, list(systems) if (r + i) % 2 == 0 else list(reversed(systems))
+            yield r, level, list(systems) if (r + i) % 2 == 0 else list(reversed(systems))
 
 
 async def bench_model(
@@ -581,6 +599,8 @@ async def bench_model(
                 f" ({helexa.kv_tokens * kv_bytes_per_token(case.path) / 2**20:.0f} MB)",
                 flush=True,
             )
+            if helexa_env:
+                print(f"  helexa: agent environment {helexa_env}", flush=True)
             servers = [helexa]
             if not skip_peer:
                 t0 = time.perf_counter()
@@ -595,12 +615,14 @@ async def bench_model(
             # Warm each server (first-call costs, transformers serve's lazily built CB manager).
             for s in servers:
                 warm = dataclasses.replace(case, max_tokens=min(8, case.max_tokens), requests_per_stream=1)
-                await burst(http, s, 1, warm, Level())
-                await burst(http, s, 4, warm, Level())
+                await burst(http, s, 1, warm, Level(), tag="warm")
+                await burst(http, s, 4, warm, Level(), tag="warm")
             if len(servers) > 1:
                 # Same weights, same prompt, greedy: the same tokens, so both do the same work.
                 texts = [
-                    (await one_request(http, s.url, s.model, PROMPTS[0], case.max_tokens)).text
+                    (
+                        await one_request(http, s.url, s.model, prompt_for("same", 0, 0, 1), case.max_tokens)
+                    ).text
                     for s in servers
                 ]
                 same = "the same text" if len(set(texts)) == 1 else "DIFFERENT texts"
@@ -611,13 +633,13 @@ async def bench_model(
                 (s.system, n): Level() for s in servers for n in levels
             }
             async with rss_sampler(servers):
-                for n, order in orders(servers, rounds, levels):
+                for r, n, order in orders(servers, rounds, levels):
                     for s in order:
                         level = levels_out[(s.system, n)]
                         before = (level.wall_s, level.tokens, level.cpu_s)
                         others = [o for o in servers if o is not s]
                         others_cpu = sum(tree_cpu_s(o.pid) for o in others)
-                        await burst(http, s, n, case, level)
+                        await burst(http, s, n, case, level, tag=f"{r}.{n}")
                         others_cpu = sum(tree_cpu_s(o.pid) for o in others) - others_cpu
                         wall, tokens = level.wall_s - before[0], level.tokens - before[1]
                         print(
