@@ -35,6 +35,7 @@ from helexa.mesh.routing.neuron import NeuronTiming
 from helexa.mesh.server.appkeys import KEEPALIVE_INTERVAL_S
 from helexa.mesh.server.connections import ServerLimits
 from helexa.mesh.timing import DEFAULT_TIMING
+from tests.helpers.polling import eventually
 
 __all__ = ["FAST", "OPTIONS", "TIMING", "Fleet", "Member", "StaticHardware", "entry"]
 
@@ -194,6 +195,24 @@ class Fleet:
         member = Member(running, engine, name, state_dir, catalogue)
         self.members.append(member)
         return member
+
+    async def serving_pair(self, entries: Sequence[ModelEntry], model: str) -> tuple[Member, Member]:
+        """Agents `a` (the entry) and `b`, peered, with `model` loaded on `b` and `a` knowing it: what a
+        forwarding test starts from."""
+        b = await self.start("b", entries=entries)
+        a = await self.start("a", entries=entries, peers=[b])
+        await eventually(lambda: a.sees(b) and b.sees(a), what="a and b to see each other")
+        status, body = await self.post(a, "/mesh/models/load", {"model": model, "node": "b"})
+        assert status == 200, body
+        await eventually(
+            lambda: (
+                (r := a.agent.fleet.peers.get(b.agent.identity.node_id)) is not None
+                and (m := r.model(model)) is not None
+                and m.status == "loaded"
+            ),
+            what="a to learn that b serves the model",
+        )
+        return a, b
 
     async def restart(self, member: Member) -> Member:
         """Start `member` again as the same node (same state dir, port and catalogue file)."""

@@ -7,26 +7,13 @@ import openai
 import pytest
 
 from tests.helpers.agents import Fleet, entry
-from tests.helpers.polling import eventually
 
 EMBED: dict[str, object] = {"embedding_dimensions": 16, "matryoshka": True}
 
 
 async def test_embeddings_through_a_second_agent(fleet: Fleet) -> None:
     entries = [entry("org/emb", task="embed", options=EMBED), entry("org/chat")]
-    b = await fleet.start("b", entries=entries)
-    a = await fleet.start("a", entries=entries, peers=[b])
-    await eventually(lambda: a.sees(b) and b.sees(a), what="a and b to see each other")
-    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/emb", "node": "b"})
-    assert status == 200, body
-    await eventually(
-        lambda: (
-            (r := a.agent.fleet.peers.get(b.agent.identity.node_id)) is not None
-            and (m := r.model("org/emb")) is not None
-            and m.status == "loaded"
-        ),
-        what="a to learn that b serves the model",
-    )
+    a, b = await fleet.serving_pair(entries, "org/emb")
     client = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", _strict_response_validation=True)
     async with client:
         reply = await client.embeddings.create(

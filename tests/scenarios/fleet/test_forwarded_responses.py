@@ -9,7 +9,6 @@ import openai
 from openai.types.responses import FunctionToolParam
 
 from tests.helpers.agents import Fleet, entry
-from tests.helpers.polling import eventually
 
 MARKUP = ["Sure.", "<tool_call>\n", '{"name": "get_time", "arguments": {"zone": "CET"}}', "\n</tool_call>"]
 TOOLS: list[FunctionToolParam] = [
@@ -19,19 +18,7 @@ TOOLS: list[FunctionToolParam] = [
 
 async def test_responses_through_a_second_agent(fleet: Fleet) -> None:
     entries = [entry("org/tools", options={"tokens": MARKUP})]
-    b = await fleet.start("b", entries=entries)
-    a = await fleet.start("a", entries=entries, peers=[b])
-    await eventually(lambda: a.sees(b) and b.sees(a), what="a and b to see each other")
-    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/tools", "node": "b"})
-    assert status == 200, body
-    await eventually(
-        lambda: (
-            (r := a.agent.fleet.peers.get(b.agent.identity.node_id)) is not None
-            and (m := r.model("org/tools")) is not None
-            and m.status == "loaded"
-        ),
-        what="a to learn that b serves the model",
-    )
+    a, b = await fleet.serving_pair(entries, "org/tools")
     client = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key="none", _strict_response_validation=True)
     async with client:
         reply = await client.responses.create(model="org/tools", input="time?", tools=TOOLS)

@@ -24,19 +24,7 @@ CONCURRENCY = 24
 @pytest.mark.slow
 async def test_soak_through_an_entry_agent(fleet: Fleet) -> None:
     entries = [entry("org/soak", options={"tokens": WORDS, "token_delay_s": 0.002})]
-    b = await fleet.start("b", entries=entries)
-    a = await fleet.start("a", entries=entries, peers=[b])
-    await eventually(lambda: a.sees(b) and b.sees(a), what="a and b to see each other")
-    status, body = await fleet.post(a, "/mesh/models/load", {"model": "org/soak", "node": "b"})
-    assert status == 200, body
-    await eventually(
-        lambda: (
-            (r := a.agent.fleet.peers.get(b.agent.identity.node_id)) is not None
-            and (m := r.model("org/soak")) is not None
-            and m.status == "loaded"
-        ),
-        what="a to learn that b serves the model",
-    )
+    a, b = await fleet.serving_pair(entries, "org/soak")
     rng = random.Random(7)
     outcomes: dict[str, int] = {"whole": 0, "left": 0, "rejected": 0}
     expected = "".join(WORDS)
