@@ -78,12 +78,14 @@ class PrefixCache:
         entry = self._entries.pop(key)
         self._tokens -= len(entry.ids)
 
-    def take(self, prompt: Sequence[int], config: Any) -> tuple[Any, int, Any]:
+    def take(self, prompt: Sequence[int], config: Any, *, whole_only: bool = False) -> tuple[Any, int, Any]:
         """A cache for `prompt` holding its longest stored prefix: `(cache, positions, logits)`.
 
         `logits` is set only when the whole prompt was found with its logits (no forward needed);
         otherwise at most `len(prompt) - 1` positions are reused, so the caller feeds at least one
-        token and gets logits. `(None, 0, None)` when nothing worth reusing is stored.
+        token and gets logits. `(None, 0, None)` when nothing worth reusing is stored, or, with
+        `whole_only`, when the whole prompt with its logits is not (a prompt about to be prefilled in a
+        group with others gains more from that than from a partial reuse).
         """
         while self._entries and self._tokens > self.max_tokens:  # the budget shrank (or reuse is off)
             self._drop(next(iter(self._entries)))
@@ -100,6 +102,8 @@ class PrefixCache:
         logits = None
         if n == len(prompt) == len(entry.ids) and entry.logits is not None:
             logits = entry.logits
+        elif whole_only:
+            return None, 0, None
         else:
             n = min(n, len(prompt) - 1)
             if n < self.min_reuse:

@@ -6,16 +6,20 @@ Design (see MISSION "Engines"):
   downloaded into the HF cache), loads model and tokenizer in a worker thread, runs a short warm-up and
   measures the memory the model actually uses (CPU: growth of the process RSS; CUDA: growth of the
   memory the caching allocator reserves on the device), floored at the size of the weights.
-- Each loaded model owns **one inference thread** that takes requests from a queue, one at a time, so
-  exactly one sequence owns the KV cache at any moment. The decode loop is hand-written: prefill, then
-  one token per forward pass with a `DynamicCache` the engine creates per request, under
-  `torch.inference_mode`. Sampling uses a per-request `torch.Generator` (a seed gives repeatable
-  output), with temperature (0 = greedy), top-k and top-p.
+- Each loaded model owns **one inference thread** running a continuous-batching loop: take what
+  arrived, end cancelled requests, admit waiting requests while the KV budget allows (`_fits`), run one
+  prefill forward, then one decode step for every running sequence. The prefill forward is either the
+  short fresh prompts admitted together (left-padded, one forward: the weights are read once and they
+  start decoding together) or one `PREFILL_CHUNK_TOKENS` chunk of one prompt, so a long prompt never
+  stalls the batch for long and cancellation is seen between chunks. A prefilled sequence joins the
+  running rows in one left-padded `DynamicCache` (`kvbatch.BatchCache`) and leaves it the step it
+  ends. Sampling is per row (`sampling.py`: per-request generator, penalties, logit_bias, the
+  constraint mask); recent prompts' KV is reused (`prefix.py`).
 - Text is decoded incrementally with `tokenizers.decoders.DecodeStream` (never a broken multi-byte
   character) and passed through a `StopStringMatcher` (stop strings are trimmed and never partially
   emitted). Deltas reach the event loop through an `asyncio.Queue` fed by `loop.call_soon_threadsafe`.
-- Closing the async generator (client gone, task cancelled) or `abort()` sets a flag the decode loop
-  checks every token, so the model is free for the next request at once.
+- Closing the async generator (client gone, task cancelled) or `abort()` sets a flag the loop checks
+  every turn, so the request's row and KV are freed at once.
 - Errors: a bad request raises a `RequestError` before any delta; a device fault (CUDA/accelerator
   error) raises `EngineFault` and poisons only this model (every later request fails fast with
   `EngineFault` until the manager unloads and reloads it); any other failure in one generation raises a
@@ -123,6 +127,8 @@ MAX_BATCH_SEQUENCES = 32
 # Prompt tokens fed per prefill step: a long prompt is interleaved with decode steps of the running
 # batch in chunks this size, so it delays the others by one chunk's forward pass at a time.
 PREFILL_CHUNK_TOKENS = 256
+# Padded tokens of one grouped prefill (several short prompts that arrived together, one forward).
+PREFILL_GROUP_TOKENS = 4 * PREFILL_CHUNK_TOKENS
 # torch's intra-op threads, chosen per phase on CPU (HELEXA_PREFILL_THREADS / HELEXA_DECODE_THREADS
 # override them). Measured here (scripts/bench engine): a decode step is a thin matmul bound by memory,
 # and a second thread gave no gain while doubling CPU per token; worse, with another busy process on a
@@ -337,6 +343,7 @@ class TransformersModel:
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.peak_kv_tokens = 0  # the most KV positions the batch ever held (tests, the bench)
         self.peak_batch = 0
+        self.peak_prefill_group = 0  # most prompts prefilled in one forward
         self.waiting = 0  # requests admitted to the thread but not yet prefilling (the budget is full)
         self._prefix: Any = None  # engine.prefix.PrefixCache, made by the inference thread
         self.prefix_reuse = True
@@ -535,7 +542,6 @@ class TransformersModel:
 
         from .kvbatch import BatchCache, batchable  # noqa: PLC0415 -- lazy: imports torch
         from .prefix import PrefixCache  # noqa: PLC0415 -- lazy: imports torch
-        from .sampling import RowState, new_generator  # noqa: PLC0415 -- lazy: imports torch
 
         prefix = PrefixCache(0)
         self._prefix = prefix
@@ -548,14 +554,14 @@ class TransformersModel:
                 current_threads[0] = n
 
         waiting: collections.deque[_Job] = collections.deque()
-        prefilling: _Seq | None = None
+        prefilling: list[_Seq] = []  # admitted, prompt not all in yet (several: a grouped prefill)
         running: list[_Seq] = []
         batch: BatchCache | None = None
         closing = False
         with torch.inference_mode():
             while True:
                 # 1. Take what arrived: wait only when there is nothing else to do.
-                idle = not waiting and prefilling is None and not running
+                idle = not waiting and not prefilling and not running
                 while True:
                     try:
                         job = self._queue.get(block=idle)
@@ -572,19 +578,19 @@ class TransformersModel:
                 # 2. A faulted model answers everything with the fault; cancelled requests end now.
                 if self._fault is not None:
                     fault = EngineFault(f"model {self._model_id} is failed: {self._fault}")
-                    for seq in (*running, *([prefilling] if prefilling else [])):
+                    for seq in (*running, *prefilling):
                         seq.job.send(fault)
                     for job in waiting:
                         job.send(fault)
                     waiting.clear()
-                    running, prefilling, batch = [], None, None
+                    running, prefilling, batch = [], [], None
                     continue
                 for job in [j for j in waiting if j.cancel.is_set()]:
                     waiting.remove(job)
                     self._finish_cancelled(job, completion=0)
-                if prefilling is not None and prefilling.job.cancel.is_set():
-                    self._finish_cancelled(prefilling.job, completion=0)
-                    prefilling = None
+                for seq in [s for s in prefilling if s.job.cancel.is_set()]:
+                    prefilling.remove(seq)
+                    self._finish_cancelled(seq.job, completion=0)
                 gone = [i for i, seq in enumerate(running) if seq.job.cancel.is_set()]
                 if gone and batch is not None:
                     for i in gone:
@@ -592,53 +598,40 @@ class TransformersModel:
                     keep = [i for i in range(len(running)) if i not in gone]
                     batch.keep(keep)
                     running = [running[i] for i in keep]
-                # 3. Admit the next waiting request if the batch has room for it.
+                # 3. Admit the next waiting request if the batch has room for it; while the admitted ones
+                # are all short fresh prompts, admit more of those (one grouped prefill forward for all).
                 prefix.max_tokens = self._prefix_tokens()
-                if prefilling is None and waiting and self._fits(running, waiting[0]):
+                while (
+                    waiting
+                    and self._fits([*running, *prefilling], waiting[0])
+                    and (not prefilling or self._joins_group(prefilling, waiting[0]))
+                ):
                     job = waiting.popleft()
-                    max_new = completion_budget(
-                        n_prompt=len(job.prompt_ids),
-                        max_tokens=job.sampling.max_tokens,
-                        context_length=self._context_length,
+                    grouping = self._groupable(job) and (
+                        bool(prefilling) or (bool(waiting) and self._joins_group([], waiting[0]))
                     )
-                    row = RowState(
-                        sampling=job.sampling,
-                        generator=None
-                        if job.sampling.temperature == 0
-                        else new_generator(rt.device, job.sampling.seed),
-                        prompt_ids=job.prompt_ids,
-                    )
-                    if job.sampling.constraint is not None:
-                        job.sampling.constraint.remaining(max_new)
-                    reused_cache, reused, first_logits = (
-                        (None, 0, None)
-                        if job.prompt_logprobs
-                        else prefix.take(job.prompt_ids, rt.model.config)
-                    )
-                    prefilling = _Seq(
-                        job=job,
-                        row=row,
-                        detok=_Detokenizer(rt.raw_tokenizer),
-                        stops=StopStringMatcher(job.sampling.stop),
-                        max_new=max_new,
-                        cache=reused_cache if reused_cache is not None else rt.new_cache(),
-                        prefilled=reused,
-                        first_logits=first_logits,
-                    )
+                    prefilling.append(self._admit(rt, job, prefix, whole_only=grouping))
                 self.waiting = len(waiting)
-                # 4. One chunk of the prefilling request's prompt (a long prompt never stalls the batch
-                # for long); its first token once the whole prompt is in.
-                if prefilling is not None:
-                    seq = prefilling
+                # 4. One forward of prefill: the grouped fresh prompts together, else one chunk of the first
+                # admitted request's prompt (a long prompt never stalls the batch for long). A request whose
+                # whole prompt is in gets its first token and joins the batch.
+                if prefilling:
+                    group = self._group(prefilling)
+                    work = group if len(group) > 1 else prefilling[:1]
                     try:
                         threads(self.prefill_threads)
-                        first = self._prefill_chunk(rt, seq, prefix)
+                        if len(group) > 1:
+                            firsts: list[int | None] = list(self._prefill_group(rt, group, prefix))
+                        else:
+                            firsts = [self._prefill_chunk(rt, work[0], prefix)]
                     except Exception as exc:
-                        self._failed(exc, [seq])
-                        prefilling = None
-                        first = None
-                    if first is not None:
-                        prefilling = None
+                        self._failed(exc, work)
+                        prefilling = [seq for seq in prefilling if seq not in work]
+                        firsts = []
+                    for seq, first in zip(work, firsts, strict=False):
+                        if first is None:
+                            continue
+                        prefilling.remove(seq)
                         self._advance(rt, seq, first)
                         if seq.finish is None:
                             if batch is None:
@@ -691,7 +684,7 @@ class TransformersModel:
         # Unload: whatever is still here gets an answer rather than hanging.
         unloaded = EngineError(f"model {self._model_id} was unloaded")
         during = EngineError(f"model {self._model_id} was unloaded during generation")
-        for seq in (*running, *([prefilling] if prefilling else [])):
+        for seq in (*running, *prefilling):
             seq.job.send(during)
         for job in waiting:
             job.send(unloaded)
@@ -702,6 +695,111 @@ class TransformersModel:
                 break
             if job is not None:
                 job.send(unloaded)
+
+    def _admit(self, rt: _Runtime, job: _Job, prefix: Any, *, whole_only: bool = False) -> _Seq:
+        """`job` as a sequence about to prefill: its sampling state, and its cache (from the prefix cache
+        when a recent sequence started the same way; only a whole-prompt hit with `whole_only`, for a
+        prompt that will be prefilled in a group)."""
+        from .sampling import RowState, new_generator  # noqa: PLC0415 -- lazy: imports torch
+
+        max_new = completion_budget(
+            n_prompt=len(job.prompt_ids),
+            max_tokens=job.sampling.max_tokens,
+            context_length=self._context_length,
+        )
+        row = RowState(
+            sampling=job.sampling,
+            generator=None if job.sampling.temperature == 0 else new_generator(rt.device, job.sampling.seed),
+            prompt_ids=job.prompt_ids,
+        )
+        if job.sampling.constraint is not None:
+            job.sampling.constraint.remaining(max_new)
+        reused_cache, reused, first_logits = (
+            (None, 0, None)
+            if job.prompt_logprobs
+            else prefix.take(job.prompt_ids, rt.model.config, whole_only=whole_only)
+        )
+        return _Seq(
+            job=job,
+            row=row,
+            detok=_Detokenizer(rt.raw_tokenizer),
+            stops=StopStringMatcher(job.sampling.stop),
+            max_new=max_new,
+            cache=reused_cache if reused_cache is not None else rt.new_cache(),
+            prefilled=reused,
+            first_logits=first_logits,
+        )
+
+    def _groupable(self, job: _Job) -> bool:
+        """A prompt that may share a grouped prefill: one chunk long, no prompt logprobs (they need every
+        position's logits), on a model that batches at all."""
+        return (
+            self.max_batch > 1
+            and not job.prompt_logprobs
+            and len(job.prompt_ids) <= self.prefill_chunk_tokens
+        )
+
+    def _joins_group(self, prefilling: list[_Seq], job: _Job) -> bool:
+        """Whether `job` may be admitted now to be prefilled together with the already admitted ones:
+        all fresh short prompts, the padded group within `PREFILL_GROUP_TOKENS`, and no prompt twice (a
+        repeat, e.g. the choices of `n > 1`, waits a turn and then reuses the first one's KV)."""
+        if not self._groupable(job) or len(prefilling) >= self.max_batch:
+            return False
+        if any(
+            seq.prefilled or seq.first_logits is not None or not self._groupable(seq.job)
+            for seq in prefilling
+        ):
+            return False
+        if any(seq.job.prompt_ids == job.prompt_ids for seq in prefilling):
+            return False
+        longest = max([len(job.prompt_ids), *(len(seq.job.prompt_ids) for seq in prefilling)])
+        return (len(prefilling) + 1) * longest <= PREFILL_GROUP_TOKENS
+
+    def _group(self, prefilling: list[_Seq]) -> list[_Seq]:
+        """The admitted sequences to prefill in one forward: the fresh short prompts at the front."""
+        group: list[_Seq] = []
+        for seq in prefilling:
+            if seq.prefilled or seq.first_logits is not None or not self._groupable(seq.job):
+                break
+            group.append(seq)
+        return group
+
+    def _prefill_group(self, rt: _Runtime, seqs: list[_Seq], prefix: Any) -> list[int]:
+        """Prefill several whole prompts in one left-padded forward (the weights are read once for all of
+        them, and they start decoding together); give each its own unpadded cache, as a single prefill
+        would, and return each one's first token."""
+        import torch  # noqa: PLC0415 -- lazy: an idle agent must not import torch
+        from transformers import DynamicCache  # noqa: PLC0415 -- lazy: transformers imports torch
+
+        self.peak_prefill_group = max(self.peak_prefill_group, len(seqs))
+        lengths = [len(seq.job.prompt_ids) for seq in seqs]
+        width = max(lengths)
+        ids = [[0] * (width - n) + list(seq.job.prompt_ids) for seq, n in zip(seqs, lengths, strict=True)]
+        mask = torch.tensor(
+            [[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=rt.device
+        )
+        inputs = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=rt.device),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),
+        }
+        cache = rt.new_cache()
+        logits = rt.forward(inputs, cache)  # [G, V]: left padding makes the last position real in every row
+        firsts: list[int] = []
+        for r, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            kv = [
+                (
+                    layer.keys[r : r + 1, :, width - n :, :].clone(),
+                    layer.values[r : r + 1, :, width - n :, :].clone(),
+                )
+                for layer in cache.layers
+            ]
+            seq.cache = DynamicCache(ddp_cache_data=kv, config=rt.model.config)
+            seq.prefilled = n
+            row_logits = logits[r : r + 1]
+            prefix.store(seq.job.prompt_ids, kv, row_logits)
+            firsts.append(self._first_token(rt, seq, row_logits))
+        return firsts
 
     def _fits(self, running: list[_Seq], job: _Job) -> bool:
         """Whether `job` may start now: always when nothing runs; else within the batch size and the KV

@@ -71,6 +71,23 @@ async def test_batched_outputs_equal_unbatched(model: TransformersModel, samplin
     together = await _together(model, requests)
     assert model.peak_batch > 1  # they really ran together
     assert together == alone
+    # Arriving while the model is busy (a slower model), the waiting prompts are prefilled in one forward:
+    # the same outputs again.
+    runtime = model._runtime
+    assert runtime is not None
+    original = runtime.forward
+
+    def slow(*args: object) -> object:
+        time.sleep(0.02)
+        return original(*args)  # type: ignore[arg-type]
+
+    runtime.forward = slow  # type: ignore[method-assign,assignment]
+    model.prefix_reuse = False  # no reuse of the runs above
+    grouped = await _together(
+        model, [user_request("Busy?", rid="first", **sampling), *_requests(max_tokens=24, **sampling)]
+    )
+    assert model.peak_prefill_group > 1
+    assert grouped[1:] == alone
 
 
 async def test_joining_and_leaving_mid_batch_changes_nothing(model: TransformersModel) -> None:
@@ -128,10 +145,11 @@ async def test_kv_budget_bounds_the_batch_and_queues_the_rest(model: Transformer
         user_request(PROMPTS[i % len(PROMPTS)], rid=f"q{i}", temperature=0.0, max_tokens=4) for i in range(64)
     ]
     longest = max(len(model._prepare(r)) + 4 for r in requests)
+    shortest = min(len(model._prepare(r)) + 4 for r in requests)
     model.kv_budget_tokens = 3 * longest
     results = await _together(model, requests)
     assert all(n == 4 for _, n in results)
-    assert 1 < model.peak_batch <= 3
+    assert model.peak_batch > 1 and model.peak_batch * shortest <= model.kv_budget_tokens
     assert model.peak_kv_tokens <= model.kv_budget_tokens
 
 
@@ -247,7 +265,7 @@ async def test_a_next_chat_turn_reuses_the_conversation_so_far(model: Transforme
         second, _ = await collect(model, turn(PROMPTS[2], first, "And then?"))
         return first, second
 
-    model.prefix_reuse = False
+    model.prefix_reuse = False  # no reuse of the runs above
     expected = await conversation()
     assert model._prefix.hits == 0
     model.prefix_reuse = True
