@@ -137,8 +137,8 @@ PREFILL_GROUP_TOKENS = 4 * PREFILL_CHUNK_TOKENS
 DECODE_THREADS = 1
 PREFILL_THREADS = max(1, min(4, os.cpu_count() or 1))
 # A decode step of many rows on a model of real size is wide enough for the prefill's threads: measured on
-# the 0.5B-shaped model at 16 rows (scripts/bench concurrency), 2 threads gave 31.0 tok/s against 25.3
-# with 1 (transformers serve: 29.9 and 29.1 in the same runs). The row threshold is a guess between the
+# the 0.5B-shaped model at 16 rows (scripts/bench concurrency), 2 threads gave 26.6-31.0 tok/s against
+# 25.3 with 1 (transformers serve: 28.5-29.9 in the same runs). The row threshold is a guess between the
 # measured 1 (no gain) and 16; HELEXA_DECODE_THREADS, when set, fixes the decode threads instead.
 WIDE_DECODE_ROWS = 8
 WIDE_DECODE_MIN_PARAMETERS = 50_000_000
