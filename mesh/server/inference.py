@@ -461,17 +461,8 @@ async def _serve(request: web.Request, outcome: Outcome, *, kind: Kind) -> web.S
     sampling = sampling_for(job.sampling, decision.entry.defaults, decision.entry.context_length)
     request_id = openai_wire.new_chat_id() if kind == "chat" else openai_wire.new_completion_id()
     choices = _choices(job, request_id, sampling)
-    if job.stream:
-        return await _stream(
-            request,
-            job=job,
-            decision=decision,
-            request_id=request_id,
-            choices=choices,
-            cold=cold,
-            outcome=outcome,
-        )
-    return await _collect(
+    answer = _stream if job.stream else _collect
+    return await answer(
         request,
         job=job,
         decision=decision,
