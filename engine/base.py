@@ -248,10 +248,24 @@ class MemoryReport:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoadProgress:
-    """Progress of a load: a phase name and a fraction in [0, 1] (None when unknown)."""
+    """Progress of a load: a phase name and a fraction in [0, 1] (None when unknown).
 
-    phase: Literal["resolving", "downloading", "loading", "warming"]
+    While `downloading`, the bytes: `done_bytes` of `total_bytes` (what is already in the cache, resumed
+    partial files included, counts as done) and the recent rate, so an operator can tell a stuck download
+    from a slow one and see when it ends (`eta_s`)."""
+
+    phase: Literal["resolving", "downloading", "converting", "loading", "warming"]
     fraction: float | None = None
+    done_bytes: int | None = None
+    total_bytes: int | None = None
+    bytes_per_s: float | None = None
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current rate; None when the rate or the total is unknown."""
+        if self.total_bytes is None or self.done_bytes is None or not self.bytes_per_s:
+            return None
+        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
 
 
 ProgressCallback = Callable[[LoadProgress], None]

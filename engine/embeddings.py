@@ -51,6 +51,7 @@ from .errors import (
     ModelSourceError,
     RequestError,
 )
+from .sources import resolve_source
 from .streaming import check_usable
 from .transformers_engine import (
     _DTYPES,
@@ -59,7 +60,6 @@ from .transformers_engine import (
     _memory_now,
     in_own_thread,
     is_device_fault,
-    resolve_source,
 )
 
 log = logging.getLogger(__name__)

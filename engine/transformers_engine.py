@@ -77,8 +77,8 @@ from .errors import (
     LoadError,
     ModelSourceError,
     RequestError,
-    TransientLoadError,
 )
+from .sources import resolve_source
 from .streaming import (
     EventChannel,
     InFlight,
@@ -95,8 +95,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Files a causal LM needs from a hub snapshot (weights, configs, tokenizer, chat template).
-HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
 # Substrings of torch error messages that mean the device itself is in a bad state.
 _DEVICE_FAULT_MARKERS = (
     "CUDA error",
@@ -1115,67 +1113,6 @@ class TransformersEngine:
             model.context_length,
         )
         return model
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or os.sep + os.sep in source or Path(source).exists()
-
-
-def resolve_source(spec: LoadSpec, report: ProgressCallback) -> Path:
-    """A local model directory for `spec.source`: the directory itself, or a hub snapshot downloaded
-    into the HF cache (`spec.cache_dir`, else the default). Structural problems raise
-    `ModelSourceError`; network problems raise `TransientLoadError` (the caller may retry)."""
-    source = spec.source
-    if source.startswith("HF://"):
-        raise ModelSourceError(f"{source} names MLC weights, which only the mlc engine can load")
-    if _looks_local(source):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ModelSourceError(f"model directory {path} does not exist")
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{path} has no config.json (not a transformers model directory)")
-        return path
-    if source.count("/") != 1:
-        raise ModelSourceError(f"source {source!r} is neither a local directory nor a repo id (org/name)")
-    return _download(spec, report)
-
-
-def _download(spec: LoadSpec, report: ProgressCallback) -> Path:
-    """Snapshot a hub repo into the cache, reporting the fraction of files fetched. (Not exercised by
-    the test suite: there is no network here.)"""
-    # Lazy: the hub client comes with transformers, takes ~80 ms to import and is needed only here.
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
-    from huggingface_hub.errors import (  # noqa: PLC0415
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import tqdm as hf_tqdm  # type: ignore[attr-defined]  # noqa: PLC0415
-
-    class _Progress(hf_tqdm):  # type: ignore[misc,unused-ignore]
-        def update(self, n: float | None = 1) -> bool | None:
-            out: bool | None = super().update(n)
-            if self.total:
-                report(LoadProgress(phase="downloading", fraction=min(1.0, self.n / self.total)))
-            return out
-
-    report(LoadProgress(phase="downloading", fraction=0.0))
-    try:
-        path = snapshot_download(
-            spec.source,
-            revision=spec.revision,
-            cache_dir=spec.cache_dir,
-            allow_patterns=list(HF_ALLOW_PATTERNS),
-            tqdm_class=_Progress,
-        )
-    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
-        # GatedRepoError is a RepositoryNotFoundError: structural until the operator fixes access.
-        raise ModelSourceError(f"cannot download {spec.source}: {exc}") from exc
-    except (LocalEntryNotFoundError, OSError) as exc:
-        raise TransientLoadError(f"download of {spec.source} failed: {exc}") from exc
-    report(LoadProgress(phase="downloading", fraction=1.0))
-    return Path(path)
 
 
 def _check_device(device: str) -> None:
