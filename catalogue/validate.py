@@ -9,7 +9,8 @@ Severity `error` means the entry is skipped; `warning` means it is kept and some
 (an unknown key, a duplicate alias). Nothing here raises on bad input: a bad entry never takes the agent
 down. The only I/O is a check whether a local source path exists next to the catalogue file (to tell a
 relative path from a Hugging Face repo id, for the operator's own file only), whether a `builtin:` model
-is installed, and resolving symbolic links when a source is confined.
+is installed, resolving symbolic links when a source is confined, and reading the header of a local GGUF
+file when the operator's own entry leaves `memory_mb` out (`engine.gguf.memory_mb_estimate`).
 
 Confinement (`roots`): entries that come over the network (a peer's gossip, the catalogue API) may name a
 local path only inside one of the agent's model roots (`<state dir>/models` and `model_roots`), after
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from helexa.engine.base import ModelId
+from helexa.engine.errors import ModelSourceError
+from helexa.engine.gguf import is_gguf_source, memory_mb_estimate, read_header
 
 from .durations import parse_keep_alive
 from .entry import DEFAULT_KEEP_ALIVE_S, EngineChoice, ModelEntry, Task
@@ -81,6 +84,11 @@ DEFAULTS_FIELDS: Final = ("temperature", "top_p", "top_k", "max_tokens")
 MAX_NAME_LEN: Final = 256
 
 _HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# One GGUF file in a hub repo: `org/name:path/in/repo/file.gguf`.
+_HF_GGUF = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}:(?!/)(?!.*\.\./)[A-Za-z0-9._/-]{1,250}\.gguf",
+    re.IGNORECASE,
+)
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BUILTIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _INT64 = (-(2**63), 2**63 - 1)
@@ -186,6 +194,7 @@ def resolve_source(
     - `builtin:NAME` → the package directory `catalogue/NAME`, spec `builtin:NAME`;
     - `HF://org/name` (MLC weights repo) and `org/name` (Hugging Face repo id) → kept as written, unless a
       local path of that name exists next to the catalogue file;
+    - `org/name:file.gguf` (one GGUF file of a hub repo) → kept as written;
     - anything else is a local path: `~` is expanded and a relative path is made absolute against
       `base_dir` (the catalogue file's folder), never against the working directory. With `roots` (an
       entry from the network) it must lie inside one of them (`within_roots`), else `OUTSIDE_ROOTS`.
@@ -200,6 +209,8 @@ def resolve_source(
     if text[:5].upper() == "HF://":
         if not _HF_REPO.fullmatch(text[5:]):
             raise ValueError(f"HF:// must be followed by org/name, got {show(text)}")
+        return text, None
+    if _HF_GGUF.fullmatch(text):
         return text, None
     if _URL_SCHEME.match(text):
         raise ValueError(f"must be a local path, org/name, HF://org/name or builtin:NAME, got {show(text)}")
@@ -216,6 +227,17 @@ def resolve_source(
     if roots is not None and not within_roots(resolved, roots):
         raise ValueError(OUTSIDE_ROOTS)
     return resolved, None
+
+
+def _gguf_memory_mb(source: str) -> int | None:
+    """`engine.gguf.memory_mb_estimate` of a local GGUF file; None for any other source or a file that
+    cannot be read (the load reports that, with the reason)."""
+    if not is_gguf_source(source) or not os.path.isfile(source):
+        return None
+    try:
+        return memory_mb_estimate(read_header(Path(source)))
+    except ModelSourceError:
+        return None
 
 
 def _is_int(value: object) -> bool:
@@ -379,6 +401,8 @@ class _EntryParser:
                 except ValueError as exc:
                     self.error("source", str(exc))
                 else:
+                    if engine == "mlc" and is_gguf_source(source):
+                        self.error("source", "a GGUF file loads with the transformers engine, not mlc")
                     if spec is not None:
                         fields["source_spec"] = spec
                         if not Path(str(fields["source"])).is_dir():
@@ -386,7 +410,10 @@ class _EntryParser:
         elif engine == "fake":
             fields["source"] = ""
         else:
-            self.error("source", "is required (a local path, org/name, HF://org/name or builtin:NAME)")
+            self.error(
+                "source",
+                "is required (a local path, org/name, org/name:file.gguf, HF://org/name or builtin:NAME)",
+            )
 
         for key in ("revision", "quant"):
             if key in raw and (text := self.str_field(key)) is not None:
@@ -400,6 +427,11 @@ class _EntryParser:
         ):
             if key in raw and (number := self.int_field(key, minimum=minimum, what=what)) is not None:
                 fields[key] = number
+        if "memory_mb" not in raw and self.roots is None and isinstance(fields.get("source"), str):
+            # The operator's own file (read off the loop): a local GGUF file says how big it is.
+            estimate = _gguf_memory_mb(str(fields["source"]))
+            if estimate is not None:
+                fields["memory_mb"] = estimate
         for key in ("resident", "preload"):
             if key in raw and (flag := self.bool_field(key)) is not None:
                 fields[key] = flag

@@ -214,8 +214,9 @@ GenerationEvent = Delta | Final
 class LoadSpec:
     """What to load and where.
 
-    `source` is a local directory (already resolved to an absolute path by the catalogue) or a Hugging
-    Face repo id (downloaded into `cache_dir`, the HF cache when None). `devices` are explicit device
+    `source` is a local directory (already resolved to an absolute path by the catalogue), a Hugging
+    Face repo id (downloaded into `cache_dir`, the HF cache when None), or a GGUF file: a local
+    `.gguf` path or `org/name:file.gguf` in a hub repo. `devices` are explicit device
     names: `("cpu",)` or `("cuda:0", "cuda:1")` (more than one means tensor parallel where supported).
     """
 
@@ -229,6 +230,10 @@ class LoadSpec:
     # engine that batches keeps its KV cache inside what is left after the weights.
     memory_mb: int | None = None
     cache_dir: Path | None = None
+    # Where converted GGUF sources are cached (`engine.gguf`; None = ~/.cache/helexa/gguf) and the
+    # cache's bound in MB (None = `engine.gguf.DEFAULT_CACHE_MB`).
+    gguf_cache_dir: Path | None = None
+    gguf_cache_mb: int | None = None
     # `embed` loads an encoder or embedding model (an `EmbeddingModel`) instead of a causal LM.
     task: ModelTask = "generate"
     # Engine-specific extras (the fake engine reads its script from here).

@@ -51,10 +51,9 @@ from .errors import (
     ModelSourceError,
     RequestError,
 )
-from .sources import resolve_source
+from .sources import DTYPES, resolve_source
 from .streaming import check_usable
 from .transformers_engine import (
-    _DTYPES,
     _MEASURE_LOCK,
     _check_device,
     _memory_now,
@@ -402,10 +401,10 @@ def _load_blocking(spec: LoadSpec, path: Path, report: ProgressCallback) -> Tran
     _check_device(device)
     if spec.quant is None:
         dtype: Any = torch.float32 if device == "cpu" else "auto"
-    elif spec.quant in _DTYPES:
-        dtype = getattr(torch, _DTYPES[spec.quant])
+    elif spec.quant in DTYPES:
+        dtype = getattr(torch, DTYPES[spec.quant])
     else:
-        raise ModelSourceError(f"quant {spec.quant!r} is not supported (use one of {sorted(_DTYPES)})")
+        raise ModelSourceError(f"quant {spec.quant!r} is not supported (use one of {sorted(DTYPES)})")
     pooling = read_pooling(path)
     report(LoadProgress(phase="loading", fraction=None))
     with _MEASURE_LOCK:

