@@ -251,6 +251,9 @@ class MemoryReport:
         return sum(self.per_device_mb.values())
 
 
+LoadPhase = Literal["resolving", "downloading", "converting", "loading", "warming"]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoadProgress:
     """Progress of a load: a phase name and a fraction in [0, 1] (None when unknown).
@@ -259,7 +262,7 @@ class LoadProgress:
     partial files included, counts as done) and the recent rate, so an operator can tell a stuck download
     from a slow one and see when it ends (`eta_s`)."""
 
-    phase: Literal["resolving", "downloading", "converting", "loading", "warming"]
+    phase: LoadPhase
     fraction: float | None = None
     done_bytes: int | None = None
     total_bytes: int | None = None

@@ -46,6 +46,12 @@ class ModelView:
     # For the traffic view; None from agents that do not publish them.
     requests_total: int | None = None
     ttft_s: float | None = None
+    # While loading: the phase, and while downloading the bytes, rate and time left.
+    phase: str | None = None
+    done_bytes: int | None = None
+    total_bytes: int | None = None
+    bytes_per_s: float | None = None
+    eta_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -190,6 +196,11 @@ def parse_model(data: Mapping[str, Any]) -> ModelView:
         resident=bool(data.get("resident", False)),
         requests_total=_int(requests) if isinstance(requests, int) else None,
         ttft_s=ttft_s,
+        phase=data.get("phase") if isinstance(data.get("phase"), str) else None,
+        done_bytes=_int(data["done_bytes"]) if isinstance(data.get("done_bytes"), int) else None,
+        total_bytes=_int(data["total_bytes"]) if isinstance(data.get("total_bytes"), int) else None,
+        bytes_per_s=_float_or_none(data.get("bytes_per_s")),
+        eta_s=_float_or_none(data.get("eta_s")),
     )
 
 
@@ -244,13 +255,37 @@ def parse_state(data: Mapping[str, Any]) -> FleetState:
     )
 
 
+def _megabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def transfer(done: int, total: int | None, bytes_per_s: float | None, eta_s: float | None) -> str:
+    """A download in a few words: `41.0/98.4 MB 5.2 MB/s 11s left`."""
+    text = f"{done / 1e6:.1f}/{_megabytes(total)}" if total else _megabytes(done)
+    if bytes_per_s:
+        text += f" {_megabytes(bytes_per_s)}/s"
+    if eta_s is not None:
+        text += f" {round(eta_s)}s left" if eta_s < 3600 else f" {eta_s / 3600:.1f}h left"
+    return text
+
+
 def _event_details(data: Mapping[str, Any]) -> str | None:
     """The short detail an agent's event carries besides its kind: load progress, how long a load took,
     why a model was unloaded (`operator`, `idle`, `evicted for X`)."""
     parts: list[str] = []
     progress = _float_or_none(data.get("progress"))
-    if progress is not None and data.get("type") == "load_progress":
-        parts.append(f"{progress * 100:.0f}%")
+    if data.get("type") == "load_progress":
+        if isinstance(data.get("phase"), str):
+            parts.append(str(data["phase"]))
+        if progress is not None:
+            parts.append(f"{progress * 100:.0f}%")
+        done, total = data.get("done_bytes"), data.get("total_bytes")
+        if isinstance(done, int) and isinstance(total, int):
+            parts.append(
+                transfer(
+                    done, total, _float_or_none(data.get("bytes_per_s")), _float_or_none(data.get("eta_s"))
+                )
+            )
     duration_s = _float_or_none(data.get("duration_s"))
     if duration_s is not None:
         parts.append(f"in {duration_s:.2f} s")

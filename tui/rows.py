@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from .fleet import DeviceView, FleetState, ModelView, NodeView
+from .fleet import DeviceView, FleetState, ModelView, NodeView, transfer
 from .traffic import Series, TrafficHistory, sparkline
 
 Cell = str | Text
@@ -136,7 +136,12 @@ def model_status(m: ModelView) -> Text:
     style = STATUS_STYLE.get(m.status, "")
     if m.status == "loading" and m.progress is not None:
         filled = min(5, round(m.progress * 5))
-        return Text(f"{'▰' * filled}{'▱' * (5 - filled)} {m.progress * 100:3.0f}%", style=style)
+        text = f"{'▰' * filled}{'▱' * (5 - filled)} {m.progress * 100:3.0f}%"
+        if m.phase == "downloading" and m.done_bytes is not None:
+            text += " " + transfer(m.done_bytes, m.total_bytes, m.bytes_per_s, m.eta_s)
+        return Text(text, style=style)
+    if m.status == "loading" and m.phase is not None:
+        return Text(m.phase, style=style)
     return Text(m.status, style=style)
 
 

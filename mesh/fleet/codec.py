@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast, get_args
 
 import orjson
 
-from helexa.engine.base import ModelId
+from helexa.engine.base import LoadPhase, ModelId
 from helexa.mesh.fleet.records import (
     DeviceKind,
     DeviceRecord,
@@ -70,6 +70,7 @@ MAX_COUNTER = 2**53 - 1
 
 _DEVICE_KINDS: frozenset[str] = frozenset(get_args(DeviceKind))
 _MODEL_STATUSES: frozenset[str] = frozenset(get_args(ModelStatus))
+_LOAD_PHASES: frozenset[str] = frozenset(get_args(LoadPhase))
 
 T = TypeVar("T")
 
@@ -116,6 +117,11 @@ def model_to_dict(m: ModelRecord) -> dict[str, object]:
         "resident": m.resident,
         "requests_total": m.requests_total,
         "ttft_s": m.ttft_s,
+        "phase": m.phase,
+        "done_bytes": m.done_bytes,
+        "total_bytes": m.total_bytes,
+        "bytes_per_s": m.bytes_per_s,
+        "eta_s": m.eta_s,  # derived (never read back)
     }
 
 
@@ -199,6 +205,10 @@ def _opt_str(d: Mapping[str, Any], key: str, what: str, *, max_chars: int = MAX_
     if v is None:
         return None
     return _str(d, key, what, max_chars=max_chars)
+
+
+def _opt_int(d: Mapping[str, Any], key: str, what: str) -> int | None:
+    return None if d.get(key) is None else _int(d, key, what)
 
 
 def _int(
@@ -306,7 +316,18 @@ def model_from_dict(v: object, what: str = "model") -> ModelRecord:
         resident=_bool(d, "resident", what),
         requests_total=_int(d, "requests_total", what, required=False),
         ttft_s=_float(d, "ttft_s", what, lo=0.0, hi=1e6),
+        phase=_phase(d, what),
+        done_bytes=_opt_int(d, "done_bytes", what),
+        total_bytes=_opt_int(d, "total_bytes", what),
+        bytes_per_s=_float(d, "bytes_per_s", what, lo=0.0, hi=1e13),
     )
+
+
+def _phase(d: Mapping[str, Any], what: str) -> str | None:
+    phase = _opt_str(d, "phase", what)
+    if phase is not None and phase not in _LOAD_PHASES:
+        raise CodecError(f"{what}.phase: {phase!r} is not one of {sorted(_LOAD_PHASES)}")
+    return phase
 
 
 def _catalogue_entry(v: object, what: str) -> dict[str, object]:

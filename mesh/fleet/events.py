@@ -207,7 +207,13 @@ def record_events(old: NodeRecord | None, new: NodeRecord | None) -> list[Event]
     out: list[Event] = []
     for m in new.models:
         prev = before.pop(m.id, None)
-        if prev is not None and prev.status == m.status and prev.progress == m.progress:
+        if (
+            prev is not None
+            and prev.status == m.status
+            and prev.progress == m.progress
+            and prev.phase == m.phase
+            and prev.done_bytes == m.done_bytes
+        ):
             continue
         kind: EventKind | None = None
         if m.status == "loading":
@@ -222,6 +228,16 @@ def record_events(old: NodeRecord | None, new: NodeRecord | None) -> list[Event]
             data: dict[str, object] = {"status": m.status}
             if m.progress is not None:
                 data["progress"] = m.progress
+            if m.phase is not None:
+                data["phase"] = m.phase
+            if m.done_bytes is not None:
+                # A download: bytes done / total, the rate and the time left.
+                data |= {
+                    "done_bytes": m.done_bytes,
+                    "total_bytes": m.total_bytes,
+                    "bytes_per_s": m.bytes_per_s,
+                    "eta_s": m.eta_s,
+                }
             out.append(
                 Event(kind=kind, node=new.node_id, node_name=new.name, model=m.id, message=m.error, data=data)
             )

@@ -27,7 +27,8 @@ frozen: a change makes a new record with `version + 1`.
             {"id": "helexa/demo", "status": "loaded", "engine": "transformers",
              "devices": ["cpu"], "memory_mb": 60, "in_flight": 0, "queued": 0,
              "last_used": 1764221050.5, "progress": null, "error": null,
-             "tokens_per_s": 85.0, "resident": false}
+             "tokens_per_s": 85.0, "resident": false,
+             "phase": null, "done_bytes": null, "total_bytes": null, "bytes_per_s": null, "eta_s": null}
           ]
         }
       ],
@@ -82,6 +83,19 @@ class ModelRecord:
     resident: bool = False
     requests_total: int = 0  # requests served by this load (counter, for the dashboard)
     ttft_s: float | None = None  # recent average time to first token (s), when known
+    # While loading: the phase (resolving, downloading, converting, loading, warming) and, while
+    # downloading, bytes done of the total and the recent rate (`eta_s` derives from them).
+    phase: str | None = None
+    done_bytes: int | None = None
+    total_bytes: int | None = None
+    bytes_per_s: float | None = None
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the download ends at the recent rate; None when unknown."""
+        if self.total_bytes is None or self.done_bytes is None or not self.bytes_per_s:
+            return None
+        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -138,6 +138,7 @@ class _Slot:
     last_used_mono: float = 0.0  # monotonic (keep-alive, LRU)
     memory_mb: int = 0
     progress: float | None = None
+    load_progress: LoadProgress | None = None  # the engine's last report while loading
     error: str | None = None
     client_error: errors.HelexaError | None = None
     retry_at_mono: float = 0.0
@@ -160,6 +161,10 @@ class _Slot:
             queued=self.queued + waiting,
             last_used=self.last_used,
             progress=self.progress,
+            phase=lp.phase if (lp := self.load_progress) is not None else None,
+            done_bytes=lp.done_bytes if lp is not None else None,
+            total_bytes=lp.total_bytes if lp is not None else None,
+            bytes_per_s=lp.bytes_per_s if lp is not None else None,
             error=self.error,
             tokens_per_s=self.tokens_per_s,
             resident=self.entry.resident,
@@ -394,6 +399,7 @@ class Neuron:
                 def apply() -> None:
                     if slot.status == "loading":
                         slot.progress = p.fraction
+                        slot.load_progress = p
                         self._changed()
 
                 with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
@@ -435,6 +441,7 @@ class Neuron:
         slot.status = "loaded"
         slot.load_task = None
         slot.progress = None
+        slot.load_progress = None
         slot.error = None
         slot.client_error = None
         slot.consecutive_failures = 0
@@ -486,6 +493,7 @@ class Neuron:
         slot.load_task = None
         slot.model = None
         slot.progress = None
+        slot.load_progress = None
         slot.error = detail
         slot.client_error = client_error
         slot.retry_at_mono = time.monotonic() + retry_after_s

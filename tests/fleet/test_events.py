@@ -162,3 +162,34 @@ def test_membership_events_map_to_kinds():
     assert membership_event(ev("alive", "left")).kind == "leave"
     assert membership_event(ev("dead", "alive", restarted=True)).kind == "restart"
     assert membership_event(ev("dead", "forgotten")).kind == "forgotten"
+
+
+def test_download_progress_events_carry_bytes_rate_and_time_left():
+    def downloading(done: int) -> ModelRecord:
+        return ModelRecord(
+            id=ModelId("m"),
+            status="loading",
+            engine="transformers",
+            progress=done / 1000,
+            phase="downloading",
+            done_bytes=done,
+            total_bytes=1000,
+            bytes_per_s=100.0,
+        )
+
+    (started,) = record_events(_node(), _node(downloading(0)))
+    (event,) = record_events(_node(downloading(0)), _node(downloading(400)))
+    assert started.kind == "load_started"
+    assert event.kind == "load_progress"
+    assert event.data == {
+        "status": "loading",
+        "progress": 0.4,
+        "phase": "downloading",
+        "done_bytes": 400,
+        "total_bytes": 1000,
+        "bytes_per_s": 100.0,
+        "eta_s": 6.0,
+    }
+    # The phase changing is progress too, even with no fraction to show.
+    converting = ModelRecord(id=ModelId("m"), status="loading", engine="transformers", phase="converting")
+    assert [e.kind for e in record_events(_node(downloading(1000)), _node(converting))] == ["load_progress"]

@@ -398,6 +398,10 @@ def wire_models() -> st.SearchStrategy[ModelRecord]:
         error=st.none() | _text,
         tokens_per_s=st.none() | st.floats(min_value=0, max_value=1e4, allow_nan=False),
         resident=st.booleans(),
+        phase=st.none() | st.sampled_from(["resolving", "downloading", "converting", "loading", "warming"]),
+        done_bytes=st.none() | _count,
+        total_bytes=st.none() | _count,
+        bytes_per_s=st.none() | st.floats(min_value=0, max_value=1e10, allow_nan=False),
     )
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from helexa.engine.base import ModelId
 from helexa.mesh.fleet.codec import state_to_json
-from helexa.mesh.fleet.events import Event
+from helexa.mesh.fleet.events import Event, record_events
 from helexa.mesh.fleet.records import DeviceRecord, ModelRecord, NodeId, NodeRecord
 from helexa.tui.fleet import parse_event, parse_state
+from helexa.tui.rows import model_status
 
 
 def test_agent_event_reads_with_node_name_time_and_details() -> None:
@@ -78,3 +79,45 @@ def test_agent_state_reads_with_names_devices_models_and_catalogue() -> None:
     assert (e.aliases, e.pinned_on, e.feasible_on) == (("mm",), ("gamma",), ("gamma",))
     assert [(loc.node, loc.status) for loc in e.locations] == [("0123abcd", "loading")]
     assert state.node_name(e.locations[0].node) == "gamma"
+
+
+def test_a_download_reads_as_bytes_rate_and_time_left_in_events_and_rows() -> None:
+    def node(*models: ModelRecord) -> NodeRecord:
+        return NodeRecord(
+            node_id=NodeId("n1"),
+            name="gamma",
+            generation=1,
+            version=1,
+            heartbeat=1,
+            address="a",
+            port=1,
+            models=models,
+        )
+
+    def downloading(done: int) -> ModelRecord:
+        return ModelRecord(
+            id=ModelId("m"),
+            status="loading",
+            engine="transformers",
+            progress=done / 98_400_000,
+            phase="downloading",
+            done_bytes=done,
+            total_bytes=98_400_000,
+            bytes_per_s=5_200_000.0,
+        )
+
+    (event,) = record_events(node(downloading(0)), node(downloading(41_000_000)))
+    assert parse_event(event.to_json()).message == "downloading 42% 41.0/98.4 MB 5.2 MB/s 11s left"
+    doc = state_to_json(
+        mesh="lab",
+        open_mesh=False,
+        self_id=NodeId("n1"),
+        agent_version="0.1.0",
+        nodes=[(node(downloading(41_000_000)), "alive")],
+        catalogue=[],
+    )
+    state = parse_state(doc)
+    (model,) = state.nodes[0].models
+    assert (model.phase, model.done_bytes, model.total_bytes) == ("downloading", 41_000_000, 98_400_000)
+    assert model.eta_s is not None and round(model.eta_s, 2) == 11.04
+    assert model_status(model).plain == "▰▰▱▱▱  42% 41.0/98.4 MB 5.2 MB/s 11s left"

@@ -82,7 +82,7 @@ def tokenizer(smollm2_cache: Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(entry))
 
 
-def ask(client: openai.OpenAI, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+def ask(client: openai.OpenAI, messages: Any, **kwargs: Any) -> Any:
     return client.chat.completions.create(
         model="smollm2", messages=messages, temperature=0, max_tokens=kwargs.pop("max_tokens", 40), **kwargs
     )
