@@ -48,6 +48,7 @@ __all__ = [
     "Severity",
     "builtin_path",
     "check_name",
+    "gguf_memory_mb",
     "parse_entry",
     "resolve_source",
     "validate_catalogue",
@@ -229,7 +230,7 @@ def resolve_source(
     return resolved, None
 
 
-def _gguf_memory_mb(source: str) -> int | None:
+def gguf_memory_mb(source: str) -> int | None:
     """`engine.gguf.memory_mb_estimate` of a local GGUF file; None for any other source or a file that
     cannot be read (the load reports that, with the reason)."""
     if not is_gguf_source(source) or not os.path.isfile(source):
@@ -429,7 +430,7 @@ class _EntryParser:
                 fields[key] = number
         if "memory_mb" not in raw and self.roots is None and isinstance(fields.get("source"), str):
             # The operator's own file (read off the loop): a local GGUF file says how big it is.
-            estimate = _gguf_memory_mb(str(fields["source"]))
+            estimate = gguf_memory_mb(str(fields["source"]))
             if estimate is not None:
                 fields["memory_mb"] = estimate
         for key in ("resident", "preload"):

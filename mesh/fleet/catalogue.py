@@ -26,6 +26,7 @@ Pure or loop-only: no HTTP here; `mesh.peering` calls `refresh()` when records o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ import orjson
 
 from helexa.catalogue import store
 from helexa.catalogue.entry import ModelEntry
+from helexa.catalogue.validate import gguf_memory_mb
 from helexa.mesh.errors import InvalidRequest
 from helexa.mesh.fleet.codec import MAX_COUNTER
 from helexa.mesh.fleet.merge import entry_version, newest_entries
@@ -254,6 +256,12 @@ class MeshCatalogue:
         fields["version"] = max(versions, default=0) + 1
         # Raises InvalidEntryError on problems (a local source outside the model roots included).
         entry = store.entry_from_dict(fields, origin="request", roots=self.roots)
+        if not fields.get("memory_mb") and (
+            estimate := await asyncio.to_thread(gguf_memory_mb, entry.source)
+        ):
+            # A local GGUF file says how big it is (its header; read off the loop).
+            fields["memory_mb"] = estimate
+            entry = dataclasses.replace(entry, memory_mb=estimate)
         if self.local.path is not None:
             path = self.local.path
             async with self.local.write_lock:

@@ -10,6 +10,7 @@ the session's (`smollm2_cache`), so its load reads the converted copy instead of
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 import transformers
 
 from helexa.engine.gguf import ENTRY_MARKER
-from tests.helpers.agentproc import AgentProc, agent_argv, start_agent, stop_agent
+from tests.helpers.agentproc import AgentProc, agent_argv, agent_command, agent_env, start_agent, stop_agent
 from tests.helpers.ports import free_port
 from tests.helpers.smollm2 import smollm2_gguf
 
@@ -46,25 +47,55 @@ def _wait_healthy(agent: AgentProc, timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def agent(smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
+    """An agent that may serve files from the wheel's folder (`--model-root`), to which the model is
+    added as README tells an operator: `helexa models add smollm2 --source <file>.gguf`."""
     root = tmp_path_factory.mktemp("smollm2-agent")
     state = root / "state"
     state.mkdir()
     (state / "gguf").symlink_to(smollm2_cache, target_is_directory=True)
     catalogue = root / "models.toml"
-    # What README tells an operator to write (`helexa models add` writes the same): no memory_mb, the
-    # agent reads it from the file's header.
-    catalogue.write_text(f'[[models]]\nid = "smollm2"\nsource = "{smollm2_gguf()}"\nkeep_alive = -1\n')
+    catalogue.write_text("# models added with helexa models add\n")
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     proc = start_agent(
         name="smol",
-        url=f"http://127.0.0.1:{port}",
+        url=url,
         state_dir=state,
         argv=agent_argv(
-            name="smol", port=port, state_dir=state, catalogue=catalogue, host="127.0.0.1", mdns=False
+            name="smol",
+            port=port,
+            state_dir=state,
+            catalogue=catalogue,
+            host="127.0.0.1",
+            mdns=False,
+            extra=("--model-root", str(smollm2_gguf().parent)),
         ),
     )
     try:
         _wait_healthy(proc, 60)
+        added = subprocess.run(
+            [
+                *agent_command(),
+                "models",
+                "add",
+                "smollm2",
+                "--source",
+                str(smollm2_gguf()),
+                "--keep-alive",
+                "-1",
+            ],
+            env=agent_env(root, {"HELEXA_AGENT": url}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert added.returncode == 0, added.stderr
+        # No --memory-mb: the agent read it from the file's header (float32 weights and a tenth).
+        with urllib.request.urlopen(f"{url}/mesh/catalogue", timeout=5) as r:
+            (entry,) = [e for e in json.load(r)["data"] if e["id"] == "smollm2"]
+        assert entry["memory_mb"] == 565
+        assert 'id = "smollm2"' in catalogue.read_text()
         yield proc
     finally:
         stop_agent(proc)
