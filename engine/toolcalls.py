@@ -8,7 +8,10 @@ Families (the markup their chat templates teach the model):
     llama3   {"name": ..., "parameters": {...}}  (or after <|python_tag|>) Llama 3.1+
     json     {"name": ..., "arguments": {...}}   a bare object             templates with tools but no markup
 
-`family_of(template)` reads it from the template text; the parser recognises every family's markup
+`family_of(template)` reads it from the template text. A template that renders no tools at all gets them
+from `generic_tool_turns`: the tools described in a system turn that teaches the Hermes markup, earlier
+calls and results written out in it, so any chat model can be offered tools (llama.cpp does the same for
+templates it does not know). The parser recognises every family's markup
 whatever the family (a model may answer in any of them), so a scripted fake engine can exercise them
 all. Markup never reaches the client as text: text that might still turn into a marker is held back until
 it cannot.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["hermes", "mistral", "llama3", "json"]
 
@@ -186,3 +189,45 @@ def parse_all(text: str, *, bare_json: bool = True) -> tuple[str, list[Call]]:
     parser = ToolCallParser(bare_json=bare_json)
     pieces = parser.feed(text) + parser.finish()
     return "".join(p.text for p in pieces if isinstance(p, Text)), [p for p in pieces if isinstance(p, Call)]
+
+
+GENERIC_TOOLS_PROMPT = (
+    "You may call functions to help with the user's request. The functions, as JSON schemas:\n"
+    "<tools>\n{tools}\n</tools>\n"
+    "To call a function, reply with one block per call and nothing else:\n"
+    '<tool_call>\n{{"name": <function name>, "arguments": <arguments as a JSON object>}}\n</tool_call>\n'
+    "The results come back in <tool_response></tool_response> blocks."
+)
+
+
+def generic_tool_turns(turns: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`turns` (chat-template turns) for a template that renders no tools: `GENERIC_TOOLS_PROMPT` joins
+    the first system turn (or becomes one), an assistant turn's `tool_calls` become Hermes blocks in its
+    content, and a `tool` turn becomes a user turn holding a <tool_response> block (templates that know no
+    `tool` role may refuse it). Pure: returns new turns."""
+    prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+    out: list[dict[str, Any]] = []
+    for turn in turns:
+        if turn.get("tool_calls"):
+            blocks = [
+                f"{HERMES_OPEN}\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                    ensure_ascii=False,
+                )
+                + f"\n{HERMES_CLOSE}"
+                for c in turn["tool_calls"]
+            ]
+            content = "\n".join([turn["content"], *blocks] if turn.get("content") else blocks)
+            out.append({"role": "assistant", "content": content})
+        elif turn.get("role") == "tool":
+            out.append(
+                {"role": "user", "content": f"<tool_response>\n{turn.get('content') or ''}\n</tool_response>"}
+            )
+        else:
+            out.append(dict(turn))
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0].get('content') or ''}\n\n{prompt}".lstrip()
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    return out

@@ -89,7 +89,7 @@ from .streaming import (
     validate_sampling,
 )
 from .textstream import StopStringMatcher
-from .toolcalls import family_of
+from .toolcalls import family_of, generic_tool_turns
 
 log = logging.getLogger(__name__)
 
@@ -462,8 +462,10 @@ class TransformersModel:
                 raise RequestError(
                     f"model {self._model_id} has no chat template; use /v1/completions", param="messages"
                 )
-            tools = _template_tools(self._model_id, tokenizer, request)
+            tools = _template_tools(request)
             turns = [_template_turn(m) for m in request.messages]
+            if tools is not None and family_of(tokenizer.chat_template) is None:
+                turns, tools = generic_tool_turns(turns, tools), None
             try:
                 text = tokenizer.apply_chat_template(
                     turns, tools=tools, tokenize=False, add_generation_prompt=True
@@ -500,9 +502,8 @@ class TransformersModel:
         from .grammar import compile_tools  # noqa: PLC0415 -- lazy: llguidance and torch
 
         runtime = self._check_usable()
-        family = family_of(getattr(runtime.tokenizer, "chat_template", None))
-        if family is None:
-            raise RequestError(f"model {self._model_id}'s chat template does not render tools", param="tools")
+        # A template without tools was given them in Hermes markup (`generic_tool_turns`).
+        family = family_of(getattr(runtime.tokenizer, "chat_template", None)) or "hermes"
         if request.tool_choice == "required":
             tools, parallel = request.tools, request.parallel_tool_calls
         else:
@@ -978,16 +979,10 @@ def _fim_ids(model_id: str, tokenizer: Any, prefix: str, suffix: str) -> list[in
     )
 
 
-def _template_tools(model_id: str, tokenizer: Any, request: GenerationRequest) -> list[dict[str, Any]] | None:
-    """The request's tools in the form chat templates take, or None (no tools, or `tool_choice` "none").
-    A template that does not render tools cannot take them: a `RequestError` naming `tools`."""
+def _template_tools(request: GenerationRequest) -> list[dict[str, Any]] | None:
+    """The request's tools in the form chat templates take, or None (no tools, or `tool_choice` "none")."""
     if not request.tools or request.tool_choice == "none":
         return None
-    if family_of(getattr(tokenizer, "chat_template", None)) is None:
-        raise RequestError(
-            f"model {model_id}'s chat template does not render tools (no tool calling with this model)",
-            param="tools",
-        )
     out: list[dict[str, Any]] = []
     for tool in request.tools:
         function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helexa.engine.toolcalls import Call, Text, ToolCallParser, family_of, parse_all
+from helexa.engine.toolcalls import Call, Text, ToolCallParser, family_of, generic_tool_turns, parse_all
 from tests.helpers.strategies import SHARED_MACHINE
 
 HERMES = (
@@ -72,3 +73,33 @@ def test_streamed_in_any_pieces_equals_whole(family: str, cuts: list[int]) -> No
     whole_text, whole_calls = parse_all(text)
     assert (streamed_text, streamed_calls) == (whole_text, whole_calls)
     assert "<tool_call>" not in streamed_text and "[TOOL_CALLS]" not in streamed_text
+
+
+def test_generic_tool_turns_teach_hermes_markup_to_a_template_without_tools() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    turns: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "Sunny", "tool_call_id": "c1"},
+    ]
+    out = generic_tool_turns(turns, tools)
+    assert [t["role"] for t in out] == ["system", "user", "assistant", "user"]
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in out[0]["content"]
+    # What the model is shown it said reads back as the call it made.
+    assert parse_all(out[2]["content"]) == ("", [Call(name="get_weather", arguments='{"city":"Oslo"}')])
+    assert out[3]["content"] == "<tool_response>\nSunny\n</tool_response>"
+    assert turns[1]["content"] is None  # the caller's turns are left as they were
+    # A system turn of the client's keeps its words first; the tools join it.
+    own = generic_tool_turns([{"role": "system", "content": "Be brief."}, *turns[:1]], tools)
+    assert [t["role"] for t in own] == ["system", "user"]
+    assert own[0]["content"].startswith("Be brief.\n\nYou may call functions")

@@ -188,12 +188,38 @@ def test_structured_output_is_real_json_of_the_schema(client: openai.OpenAI) -> 
     print("structured output:", answer)
 
 
-def test_tools_are_refused_with_a_clear_error_by_a_template_without_them(client: openai.OpenAI) -> None:
-    """SmolLM2-135M's chat template renders no tools: the agent says so (400 naming `tools`) rather than
-    letting the model guess at a format it was never taught."""
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError) as caught:
-        ask(client, FRANCE, tools=tools, tool_choice="required")
-    assert caught.value.status_code == 400
-    assert isinstance(caught.value.body, dict) and caught.value.body.get("param") == "tools"
-    assert "does not render tools" in str(caught.value.body.get("message"))
+def test_a_tool_call_is_real_and_parseable(client: openai.OpenAI) -> None:
+    """SmolLM2-135M's template renders no tools: they reach it in the generic system turn, and the
+    call it makes (constrained to the tool's schema) names the city it was asked about."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The current weather in a city.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    reply = ask(client, messages, max_tokens=60, tools=tools, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+    print("tool call:", call.function.name, arguments)
+    # The result goes back as a tool turn (rendered for a template that knows no tool role), and the
+    # conversation is answered; what a 135M model makes of it is not asserted.
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees Celsius."},
+    ]
+    answer = ask(client, messages, max_tokens=60, tools=tools)
+    print("after the result:", answer.choices[0].message.content)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
