@@ -16,8 +16,9 @@ copy (`--skip-gguf` leaves it out).
 A first section runs the fake engine at 2 ms per token: with no model compute to hide it, it shows the
 agent's own cost per streamed token (HTTP framing, SSE, the aiohttp client parsing in this process).
 
-Both use the same greedy request (same prompt, temperature 0, the same `max_tokens`), so both produce
-the same tokens. Reported per path (medians): time to first token, decode tokens/s (completion tokens
+Both use the same greedy request (same prompt, temperature 0, the same `max_tokens`, `ignore_eos` so that
+every request streams `max_tokens` tokens: the demo model ends this prompt after 11), so both produce the
+same tokens. Reported per path (medians): time to first token, decode tokens/s (completion tokens
 after the first, over the time from the first to the last token) and overall tokens/s (completion
 tokens over the whole request). The ratio HTTP/direct of tokens/s must be at least 0.95.
 
@@ -95,7 +96,7 @@ async def direct(model: object, max_tokens: int, n: int) -> Sample:
     request = GenerationRequest(
         request_id=RequestId(f"bench-direct-{n}"),
         prompt=PROMPT,
-        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
     )
     start = time.perf_counter()
     first = last = None
@@ -118,6 +119,7 @@ async def http(session: aiohttp.ClientSession, url: str, model_id: str, max_toke
         "prompt": PROMPT,
         "max_tokens": max_tokens,
         "temperature": 0,
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

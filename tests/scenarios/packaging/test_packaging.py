@@ -517,5 +517,6 @@ def test_binary_rpm_rebuilt_from_the_srpm_installs_the_right_files(built: Built,
     # Every runtime dependency of pyproject.toml is a Requires of the RPM (a missing one once was).
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for requirement in pyproject["project"]["dependencies"]:
-        dist = re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower()
+        name = re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0]
+        dist = re.sub(r"[-_.]+", "-", name).lower()  # PEP 503, as rpm's python3dist() spells it
         assert any(f"python3dist({dist})" in r for r in requires), dist
