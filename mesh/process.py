@@ -223,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     configure_logging(config.log_level)
+    # A service logs lines, not progress bars: libraries the engines load (transformers' GGUF conversion)
+    # draw tqdm bars on stderr. tqdm reads TQDM_* defaults when it is first imported, which is later.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
