@@ -270,10 +270,14 @@ class LoadProgress:
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left at the current rate; None when the rate or the total is unknown."""
-        if self.total_bytes is None or self.done_bytes is None or not self.bytes_per_s:
-            return None
-        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
+        return eta_s(self.done_bytes, self.total_bytes, self.bytes_per_s)
+
+
+def eta_s(done_bytes: int | None, total_bytes: int | None, bytes_per_s: float | None) -> float | None:
+    """Seconds until a transfer ends at the current rate; None when the rate or the total is unknown."""
+    if total_bytes is None or done_bytes is None or not bytes_per_s:
+        return None
+    return max(0.0, (total_bytes - done_bytes) / bytes_per_s)
 
 
 ProgressCallback = Callable[[LoadProgress], None]

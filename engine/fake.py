@@ -69,6 +69,9 @@ class FakeScript:
     echo: bool = False
     token_delay_s: float = 0.0
     load_delay_s: float = 0.0
+    # Report a download of this many bytes during the first half of `load_delay_s` (phase
+    # "downloading", with bytes, rate and time left), as a hub download would.
+    download_bytes: int = 0
     # Fail every load with this message (or only the first `fail_load_times` loads, when set).
     fail_load: str | None = None
     fail_load_kind: FailKind = "source"
@@ -97,6 +100,26 @@ class FakeScript:
                 raise ModelSourceError("fake engine option tokens must be a list of strings")
             values["tokens"] = tuple(tokens)
         return replace(base, **values)  # type: ignore[arg-type]
+
+
+async def _download(script: FakeScript, report: ProgressCallback) -> None:
+    """Half of the load delay spent "downloading" `download_bytes`, reported in ten even steps."""
+    steps, total = 10, script.download_bytes
+    step_s = script.load_delay_s / 2 / steps
+    rate = total / (script.load_delay_s / 2) if script.load_delay_s > 0 else None
+    for i in range(steps + 1):
+        done = total * i // steps
+        report(
+            LoadProgress(
+                phase="downloading",
+                fraction=done / total,
+                done_bytes=done,
+                total_bytes=total,
+                bytes_per_s=rate,
+            )
+        )
+        if i < steps:
+            await asyncio.sleep(step_s)
 
 
 def count_tokens(text: str) -> int:
@@ -300,6 +323,8 @@ class FakeEngine:
                 progress(p)
 
         report(LoadProgress(phase="resolving"))
+        if script.download_bytes > 0:
+            await _download(script, report)
         steps = 4
         for i in range(steps):
             report(LoadProgress(phase="loading", fraction=i / steps))

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
-from helexa.engine.base import ModelId
+from helexa.engine.base import ModelId, eta_s
 
 NodeId = NewType("NodeId", str)
 Liveness = Literal["alive", "suspect", "dead", "left"]
@@ -93,9 +93,7 @@ class ModelRecord:
     @property
     def eta_s(self) -> float | None:
         """Seconds until the download ends at the recent rate; None when unknown."""
-        if self.total_bytes is None or self.done_bytes is None or not self.bytes_per_s:
-            return None
-        return max(0.0, (self.total_bytes - self.done_bytes) / self.bytes_per_s)
+        return eta_s(self.done_bytes, self.total_bytes, self.bytes_per_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -4,6 +4,7 @@ catalogue file), and that it rides out an agent restart."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 
@@ -275,6 +276,38 @@ async def test_dashboard_over_a_three_agent_mesh(agents: Fleet) -> None:
         await until(pilot, lambda: cell(topology, rows[2], "state") == "dead", what="gamma dead")
         assert seen(app, "dead", "gamma")
         await until(pilot, lambda: "2/3 nodes alive" in status_line(app), what="status bar after the death")
+
+
+async def test_dashboard_shows_a_download_while_it_runs(agents: Fleet) -> None:
+    """A model whose load downloads (the fake engine reports bytes as `engine.download` does): its row
+    and the event log show the bytes, the rate and the time left while it runs, from the agent's own
+    `/mesh/state` and `/mesh/events`."""
+    big = "e2e/download"
+    toml = (
+        f'[[models]]\nid = "{big}"\nengine = "fake"\nmemory_mb = 100\n'
+        "options = { download_bytes = 98400000, load_delay_s = 3.0, memory_mb = 100 }\n"
+    )
+    alpha = await agents.start("alpha", catalogue_toml=toml)
+    app = HelexaApp(RecordingSource(alpha.url), tz=UTC)
+    row = f"m:{alpha.node_id}:{big}"
+    async with app.run_test(size=SIZE) as pilot:
+        topology = app.query_one(TopologyTable)
+        await until(pilot, lambda: f"n:{alpha.node_id}" in keys(topology), what="the agent in the topology")
+        loading = asyncio.create_task(agents.post(alpha, "/mesh/models/load", {"model": big}))
+        shown: list[str] = []
+
+        def downloading() -> bool:
+            shown.append(cell(topology, row, "state"))
+            return "MB/s" in shown[-1] and "left" in shown[-1]
+
+        await until(pilot, downloading, what="the download in the model's row", timeout_s=10)
+        assert " MB " in shown[-1] and "/98.4 MB" in shown[-1], shown[-1]
+        assert not loading.done(), "seen only after the load ended"
+        await until(pilot, lambda: cell(topology, row, "state") == "loaded", what="loaded")
+        status, _ = await loading
+        assert status == 200
+        messages = [e.message or "" for e in logged(app, "load_progress", "alpha", big)]
+        assert any(m.startswith("downloading ") and "MB/s" in m for m in messages), messages
 
 
 async def test_dashboard_on_a_keyed_mesh(agents: Fleet) -> None:
