@@ -214,7 +214,10 @@ def resolve_source(
     if _HF_GGUF.fullmatch(text):
         return text, None
     if _URL_SCHEME.match(text):
-        raise ValueError(f"must be a local path, org/name, HF://org/name or builtin:NAME, got {show(text)}")
+        raise ValueError(
+            "must be a local path, org/name, org/name:file.gguf, HF://org/name or builtin:NAME, "
+            f"got {show(text)}"
+        )
     explicit_path = text.startswith(("/", "~", "./", "../")) or text in {".", ".."}
     is_repo = not explicit_path and _HF_REPO.fullmatch(text) is not None
     if is_repo and (base_dir is None or not (base_dir / text).exists()):
