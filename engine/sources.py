@@ -84,6 +84,8 @@ def gguf_dtype(spec: LoadSpec) -> str:
 
 
 def _gguf_model_dir(spec: LoadSpec, report: ProgressCallback) -> Path:
+    if spec.task != "generate":
+        raise ModelSourceError(f"{spec.source}: GGUF sources are read as chat/completion models only")
     hub = split_hub_gguf(spec.source)
     if hub is not None and not _looks_local(spec.source):
         repo, filename = hub
