@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from .base import LoadProgress, ProgressCallback
-from .errors import ModelSourceError
+from .errors import ModelSourceError, TransientLoadError
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +360,32 @@ def cached_model_dir(
         raise ModelSourceError(
             f"{gguf_file.name}: tensor type(s) {', '.join(bad)} cannot be dequantized by the gguf package"
         )
+    try:
+        return _cached_or_converted(
+            gguf_file,
+            header,
+            cache_dir=cache_dir,
+            dtype=dtype,
+            limit_mb=limit_mb,
+            report=report,
+            convert=convert,
+        )
+    except OSError as exc:  # a full disk, a read-only state directory: the operator can mend it
+        raise TransientLoadError(
+            f"{gguf_file.name}: cannot write its converted copy in {cache_dir}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _cached_or_converted(
+    gguf_file: Path,
+    header: GgufHeader,
+    *,
+    cache_dir: Path,
+    dtype: str,
+    limit_mb: int,
+    report: ProgressCallback,
+    convert: Converter | None,
+) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     digest = file_digest(gguf_file, cache_dir)
     entry = cache_dir / f"{digest[:32]}-{dtype}"

@@ -19,7 +19,7 @@ from helexa.catalogue.entry import ModelEntry
 from helexa.catalogue.validate import validate_catalogue
 from helexa.engine import gguf
 from helexa.engine.base import LoadSpec, ModelId
-from helexa.engine.errors import ModelSourceError
+from helexa.engine.errors import ModelSourceError, TransientLoadError
 from helexa.engine.transformers_engine import TransformersEngine
 from tests.helpers.engine import collect_deltas, user_request
 from tests.helpers.smollm2 import CONTEXT_LENGTH, PARAMETERS, smollm2_gguf
@@ -261,3 +261,12 @@ async def test_smollm2_loads_from_the_cache_and_answers(smollm2_cache: Path) -> 
         assert final.finish_reason == "stop"
     finally:
         await model.unload()
+
+
+def test_a_cache_that_cannot_be_written_is_a_clear_retryable_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.gguf", gguf_bytes())
+    blocked = write(tmp_path / "not-a-folder", b"")  # the cache folder's place is taken by a file
+    with pytest.raises(
+        TransientLoadError, match=r"m\.gguf: cannot write its converted copy in .*not-a-folder"
+    ):
+        cached(path, blocked / "cache", Converter())
