@@ -273,15 +273,20 @@ class MeshCatalogue:
         return entry
 
     async def remove_entry(self, entry_id: str) -> bool:
-        """Remove an entry mesh-wide with a tombstone of a higher version. False if unknown."""
+        """Remove an entry mesh-wide with a tombstone of a higher version. False if unknown. The file is
+        written first: a disk that refuses raises `CatalogueWriteError` and nothing changes (a removal
+        kept only in memory would come back from the file at the next start)."""
         current = self.newest().get(entry_id)
         if current is None or current.get("removed") is True:
             return False
         versions = [entry_version(e) for e in (current, self.local.dicts.get(entry_id)) if e]
         tombstone: dict[str, object] = {"id": entry_id, "version": max(versions) + 1, "removed": True}
+        if self.local.path is not None:
+            path = self.local.path
+            async with self.local.write_lock:
+                await asyncio.to_thread(store.remove_entry, path, entry_id)
         self.local.dicts[entry_id] = tombstone
         self.local.parsed.pop(entry_id, None)
-        await self.local.write(entry_id, tombstone)
         self.refresh()
         self._changed()
         return True

@@ -237,7 +237,12 @@ async def delete_catalogue(request: web.Request) -> web.StreamResponse:
     entry = agent.cortex.catalogue.resolve(entry_id)
     if entry is not None:
         entry_id = entry.id
-    if not await agent.mesh.catalogue.remove_entry(entry_id):
+    try:
+        removed = await agent.mesh.catalogue.remove_entry(entry_id)
+    except CatalogueWriteError as e:
+        log.warning("catalogue removal of %s refused: %s", entry_id, e)
+        raise _insufficient_storage(f"the entry was not removed: {e}") from e
+    if not removed:
         raise errors.ModelNotFound(entry_id)
     return _message(f"{entry_id} removed from the catalogue")
 

@@ -55,7 +55,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def test_a_catalogue_edit_on_a_full_disk_is_507_naming_the_file(
+async def test_a_catalogue_edit_or_removal_on_a_full_disk_is_507_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http: aiohttp.ClientSession
 ) -> None:
     """The edit answered 500 "internal error" with no reason."""
@@ -81,6 +81,19 @@ async def test_a_catalogue_edit_on_a_full_disk_is_507_naming_the_file(
         assert path.read_text(encoding="utf-8") == CATALOGUE
         async with http.post(f"{agent.url}/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200
+        # A removal the disk refuses is a 507 too, and changes nothing (it answered 200 and kept the
+        # entry in the file, so the model came back at the next start).
+        async with http.delete(f"{agent.url}/mesh/catalogue/fake/echo") as r:
+            body = await r.json()
+            assert r.status == 507, body
+        assert "no space left on device" in body["error"]["message"]
+        async with http.get(f"{agent.url}/mesh/catalogue") as r:
+            assert [e["id"] for e in (await r.json())["data"]] == ["fake/echo"]
+        assert path.read_text(encoding="utf-8") == CATALOGUE
+        monkeypatch.undo()
+        async with http.delete(f"{agent.url}/mesh/catalogue/fake/echo") as r:
+            assert r.status == 200, await r.text()
+        assert "fake/echo" not in path.read_text(encoding="utf-8")
     finally:
         await fleet.close()
 
