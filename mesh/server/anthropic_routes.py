@@ -29,7 +29,7 @@ from helexa.engine.base import Final as FinalEvent
 from helexa.engine.textstream import StopStringMatcher
 from helexa.engine.toolcalls import Call, Piece, Text, ToolCallParser
 from helexa.mesh import sse
-from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
+from helexa.mesh.errors import InvalidRequest, ModelFault
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
 from helexa.mesh.server import anthropic_wire
 from helexa.mesh.server.inference import (
@@ -45,7 +45,7 @@ from helexa.mesh.server.inference import (
     open_stream,
     route,
     sampling_for,
-    stopping,
+    tell_stopped,
     track,
 )
 from helexa.mesh.server.middleware import authorize_client, json_body_response, to_helexa_error
@@ -310,11 +310,7 @@ async def _stream(
     try:
         return await _stream_body(request, reply, decision, choice, response=response, timing=timing)
     except asyncio.CancelledError:
-        if response.prepared and stopping(request):
-            # Ended by the agent's stop after the drain: tell the client why before the connection closes.
-            err = ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
-            with contextlib.suppress(ConnectionError):
-                await response.write(anthropic_wire.error_event(err))
+        await tell_stopped(request, response, anthropic_wire.error_event)
         raise
 
 

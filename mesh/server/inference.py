@@ -49,7 +49,7 @@ from helexa.engine.base import (
 from helexa.engine.base import Final as FinalEvent
 from helexa.engine.toolcalls import Call, Piece, Text, ToolCallParser, parse_all
 from helexa.mesh import sse
-from helexa.mesh.errors import InvalidRequest, ModelFault, ModelUnavailable
+from helexa.mesh.errors import HelexaError, InvalidRequest, ModelFault, ModelUnavailable
 from helexa.mesh.metrics import Route
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
 from helexa.mesh.routing.peer_client import FORWARDED_HEADER
@@ -118,6 +118,17 @@ async def end_requests(app: web.Application, *, timeout_s: float = 1.0) -> int:
 def stopping(request: web.Request) -> bool:
     open_requests = request.app.get(OPEN_REQUESTS)
     return open_requests is not None and open_requests.stopping
+
+
+async def tell_stopped(
+    request: web.Request, response: web.StreamResponse, frame: Callable[[HelexaError], bytes]
+) -> None:
+    """A started stream ended by the agent's stop after the drain: tell the client why, in the route's
+    own error framing (`frame`), before the connection closes. Nothing when the stream had not started,
+    or when the client cancelled."""
+    if response.prepared and stopping(request):
+        err = ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
+        await _write_quietly(response, frame(err))
 
 
 async def _aclose(events: AsyncIterator[GenerationEvent]) -> None:
@@ -865,12 +876,5 @@ async def _stream(
             await response.write_eof()
         return response
     except asyncio.CancelledError:
-        if response.prepared and stopping(request):
-            # Ended by the agent's stop after the drain: tell the client why before the connection closes.
-            await _write_quietly(
-                response,
-                sse.error_event(
-                    ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
-                ),
-            )
+        await tell_stopped(request, response, sse.error_event)
         raise

@@ -27,7 +27,7 @@ from helexa.engine.base import Delta, GenerationRequest, RequestId, ToolCall
 from helexa.engine.base import Final as FinalEvent
 from helexa.engine.toolcalls import Call, Piece, ToolCallParser, parse_all
 from helexa.mesh import sse
-from helexa.mesh.errors import ModelFault, ModelUnavailable
+from helexa.mesh.errors import ModelFault
 from helexa.mesh.routing.decisions import LocalDecision, RemoteDecision
 from helexa.mesh.server.inference import (
     CLIENT_CLOSED_STATUS,
@@ -42,7 +42,7 @@ from helexa.mesh.server.inference import (
     open_stream,
     route,
     sampling_for,
-    stopping,
+    tell_stopped,
     track,
 )
 from helexa.mesh.server.middleware import authorize_client, json_body_response, to_helexa_error
@@ -254,11 +254,5 @@ async def _stream(
             await response.write_eof()
         return response
     except asyncio.CancelledError:
-        if response.prepared and stopping(request):
-            with contextlib.suppress(ConnectionError):
-                await response.write(
-                    sse.error_event(
-                        ModelUnavailable("this agent is shutting down", reason="draining", retry_after_s=1.0)
-                    )
-                )
+        await tell_stopped(request, response, sse.error_event)
         raise

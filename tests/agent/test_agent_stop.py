@@ -4,6 +4,7 @@ with a final SSE error event, and a second signal (`now`) cuts the drain short."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,45 @@ async def test_what_outlives_the_drain_is_ended_with_an_error_event(tmp_path: Pa
         message = await asyncio.wait_for(reader, timeout=10)
     assert "shutting down" in message
     assert running.agent.draining
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error_line"),
+    [
+        (
+            "/v1/messages",
+            {
+                "model": "org/long",
+                "max_tokens": 300,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+            },
+            b"event: error",
+        ),
+        ("/v1/responses", {"model": "org/long", "input": "x", "stream": True}, b'data: {"error":'),
+    ],
+)
+async def test_the_other_streaming_apis_end_in_their_own_error_frame(
+    tmp_path: Path, path: str, body: dict[str, Any], error_line: bytes
+) -> None:
+    """Anthropic's and the Responses stream, outliving the drain, end with their route's error frame."""
+    running = await _agent(tmp_path, drain_timeout_s=0.5)
+    async with aiohttp.ClientSession() as session, session.post(f"{running.url}{path}", json=body) as resp:
+        assert resp.status == 200
+        await resp.content.readline()  # the stream has started
+        stop = asyncio.create_task(running.stop())
+        lines: list[bytes] = []
+
+        async def read() -> None:
+            with contextlib.suppress(aiohttp.ClientPayloadError):  # the connection closes after the frame
+                async for line in resp.content:
+                    lines.append(line.rstrip())
+
+        await asyncio.wait_for(read(), timeout=10)
+        await stop
+    tail = [line for line in lines if line][-3:]
+    assert any(error_line in line for line in tail), tail
+    assert b"shutting down" in b"".join(tail)
 
 
 async def test_a_second_signal_cuts_the_drain_short(tmp_path: Path) -> None:
